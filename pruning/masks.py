@@ -1,0 +1,83 @@
+"""Mask selection: which weights to keep, given a score per weight.
+
+All functions take a score matrix of shape (d_out, d_in) (higher = more important)
+and return a bool mask of the same shape, True = kept. Counts are exact: ties are
+broken by index order (via sort), never by a threshold that could keep too many.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """'unstructured' -> None; 'N:M' with 0 < N < M -> (N, M). Anything else: ValueError."""
+    if pattern == "unstructured":
+        return None
+    match = _PATTERN.match(str(pattern))
+    if match is None:
+        raise ValueError(f"pattern: expected 'unstructured' or 'N:M' such as '2:4', got {pattern!r}")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise ValueError(f"pattern: N:M needs 0 < N < M, got {pattern!r} (did you mean '{m}:{n}'?)")
+    return n, m
+
+
+def _keep_lowest_out(flat_scores: torch.Tensor, n_prune: int) -> torch.Tensor:
+    """Mask over a 1-D or 2-D (row-wise) score tensor pruning the n_prune lowest of each row."""
+    mask = torch.ones_like(flat_scores, dtype=torch.bool)
+    if n_prune <= 0:
+        return mask
+    order = torch.argsort(flat_scores, dim=-1, stable=True)
+    mask.scatter_(-1, order[..., :n_prune], False)
+    return mask
+
+
+def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "layer") -> torch.Tensor:
+    """Prune the lowest-scoring fraction `sparsity`, over the whole layer or per output row."""
+    if group == "layer":
+        n_prune = round(sparsity * scores.numel())
+        return _keep_lowest_out(scores.reshape(-1), n_prune).view_as(scores)
+    if group == "row":
+        n_prune = round(sparsity * scores.shape[1])
+        return _keep_lowest_out(scores, n_prune)
+    raise ValueError(f"group: expected 'layer' or 'row', got {group!r}")
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the n highest scores in every group of m consecutive inputs of a row."""
+    d_out, d_in = scores.shape
+    grouped = scores.reshape(d_out, d_in // m, m)
+    return _keep_lowest_out(grouped, m - n).view(d_out, d_in)
+
+
+def gradual_nm_mask(scores: torch.Tensor, n: int, m: int, sparsity: float) -> torch.Tensor:
+    """An intermediate step towards an exact N:M pattern.
+
+    The n best entries of every group are protected; among the others, the lowest
+    ones are pruned layer-wide until a fraction `sparsity` (<= 1 - n/m) of all
+    entries is pruned. At sparsity = 1 - n/m the result is exactly N:M.
+    """
+    protected = nm_mask(scores, n, m)
+    n_prune = round(sparsity * scores.numel())
+    unprotected_scores = scores.masked_fill(protected, float("inf"))
+    return _keep_lowest_out(unprotected_scores.reshape(-1), n_prune).view_as(scores)
+
+
+def select_mask(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None,
+                group: str = "layer") -> torch.Tensor:
+    """The final mask for a pattern: N:M groups when nm is given, else unstructured."""
+    if nm is None:
+        return unstructured_mask(scores, sparsity, group)
+    return nm_mask(scores, *nm)
+
+
+def is_nm_valid(mask: torch.Tensor, n: int, m: int) -> bool:
+    """True when every group of m consecutive inputs keeps at most n weights."""
+    d_out, d_in = mask.shape
+    if d_in % m:
+        return False
+    return bool((mask.reshape(d_out, d_in // m, m).sum(-1) <= n).all())
