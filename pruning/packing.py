@@ -1,0 +1,498 @@
+"""Packed on-disk format for N:M-sparse linear weights ("nm-packed", version 1).
+
+Why: a pruned model saved as dense tensors full of zeros is exactly as large as the
+dense model. Storing only the N kept values of every group of M inputs, plus where
+in the group each one sat, makes a 2:4 fp16/bf16 weight 0.5625x its dense size.
+
+Layout of one packed weight W of shape (d_out, d_in), groups of M consecutive
+input columns of one row (the same groups `masks.nm_mask` uses):
+
+  values   (d_out, d_in // M * N), W's dtype: the N slots of every group, in
+           increasing column order. A group with fewer than N nonzeros still fills
+           N slots (with zeros from that group), so the layout is fixed-size.
+  indices  (d_out, ceil(d_in // M * N * B / 8)) uint8: the in-group position
+           (0..M-1) of every slot, B = ceil(log2 M) bits each (2 for 2:4, 3 for
+           4:8), written as one little-endian bit stream per row: slot k of the
+           row occupies bits k*B .. k*B+B-1, bit j of the stream is bit (j % 8)
+           of byte j // 8. Rows are padded to whole bytes independently.
+  shape    int64 [d_out, d_in]
+  pattern  int64 [N, M]
+
+In a safetensors file the parts of parameter `p` are stored as `p.nm_values`,
+`p.nm_indices`, `p.nm_shape`, `p.nm_pattern`; every other tensor is stored
+dense under its own name. `save_packed_model` writes a model directory:
+
+  config.json               the model config plus a `sparsity_packing` entry
+                            (format, version, pattern, index_bits, dtype,
+                            weights_file, packed: [param names], tied: {alias: kept})
+  packed_model.safetensors  the tensors (deliberately not `model.safetensors`, so
+                            a plain `from_pretrained` fails loudly instead of
+                            silently initialising the packed weights at random)
+  tokenizer files, generation_config.json when available.
+
+Round trip: unpack(pack(W)) is bitwise equal to W, with one documented exception:
+a negative zero in a slot that is not stored comes back as +0.0 (the format keeps
+no sign for pruned entries). -0.0 == +0.0 numerically, so matmul outputs match.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .masks import parse_pattern
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "nm-packed"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "packed_model.safetensors"
+CONFIG_KEY = "sparsity_packing"
+PARTS = ("values", "indices", "shape", "pattern")
+_SUFFIX = ".nm_"  # on-disk name of a part: f"{param}{_SUFFIX}{part}"
+
+# Bound the temporaries of (un)packing (int32 positions, bit expansions) to a few
+# hundred MB even for 7B-sized layers: work on blocks of rows of this many elements.
+_CHUNK_ELEMENTS = 1 << 23
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                    "vocab.json", "spiece.model")
+
+
+# --------------------------------------------------------------------------- checks
+
+def index_bits(m: int) -> int:
+    """Bits needed to store a position 0..m-1 (at least 1)."""
+    return max(1, (m - 1).bit_length())
+
+
+def find_nm_violation(weight: torch.Tensor, n: int, m: int) -> str | None:
+    """None when every group of m consecutive inputs of every row has <= n nonzeros.
+
+    Otherwise a message naming the first offending row and group (row-major order).
+    "Nonzero" is numeric (x != 0), so -0.0 counts as pruned and NaN/inf as kept.
+    """
+    if weight.dim() != 2:
+        return f"expected a 2-D weight, got shape {tuple(weight.shape)}"
+    d_out, d_in = weight.shape
+    if d_in % m:
+        return f"input size {d_in} is not a multiple of M={m}"
+    counts = (weight.detach().reshape(d_out, d_in // m, m) != 0).sum(-1)
+    bad = (counts > n).nonzero()
+    if bad.numel() == 0:
+        return None
+    row, group = (int(v) for v in bad[0])
+    return (f"row {row}, group {group} (columns {group * m}..{group * m + m - 1}) has "
+            f"{int(counts[row, group])} nonzeros, more than N={n}")
+
+
+# ------------------------------------------------------------------ bit packing
+
+def _pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(rows, k) integer codes < 2**bits -> (rows, ceil(k*bits/8)) uint8, LSB first."""
+    rows, k = codes.shape
+    shifts = torch.arange(bits, device=codes.device, dtype=codes.dtype)
+    stream = ((codes.unsqueeze(-1) >> shifts) & 1).reshape(rows, k * bits).to(torch.uint8)
+    pad = (-stream.shape[1]) % 8
+    if pad:
+        stream = torch.nn.functional.pad(stream, (0, pad))
+    byte_shifts = torch.arange(8, device=codes.device, dtype=torch.uint8)
+    # The 8 shifted bits are disjoint, so their sum is their bitwise OR (< 256).
+    return (stream.reshape(rows, -1, 8) << byte_shifts).sum(-1, dtype=torch.uint8)
+
+
+def _unpack_bits(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Inverse of _pack_bits: (rows, nbytes) uint8 -> (rows, k) int64 codes."""
+    rows = packed.shape[0]
+    byte_shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    stream = ((packed.unsqueeze(-1) >> byte_shifts) & 1).reshape(rows, -1)[:, : k * bits]
+    shifts = torch.arange(bits, device=packed.device, dtype=torch.int64)
+    return (stream.reshape(rows, k, bits).to(torch.int64) << shifts).sum(-1)
+
+
+def _row_chunks(d_out: int, d_in: int):
+    step = max(1, _CHUNK_ELEMENTS // max(1, d_in))
+    for start in range(0, d_out, step):
+        yield start, min(d_out, start + step)
+
+
+# ------------------------------------------------------------------ pack / unpack
+
+def pack_nm(weight: torch.Tensor, n: int, m: int) -> dict[str, torch.Tensor]:
+    """Pack an N:M-sparse 2-D weight into {values, indices, shape, pattern} (see module doc).
+
+    Raises ValueError when the weight is not N:M (message from find_nm_violation).
+    Tensors stay on the weight's device; values keep its dtype.
+    """
+    if not 0 < n < m:
+        raise ValueError(f"pack_nm: need 0 < N < M, got {n}:{m}")
+    if not weight.is_floating_point():
+        raise ValueError(f"pack_nm: expected a floating-point weight, got {weight.dtype}")
+    problem = find_nm_violation(weight, n, m)
+    if problem is not None:
+        raise ValueError(f"weight is not {n}:{m}-sparse: {problem}")
+    w = weight.detach()
+    d_out, d_in = w.shape
+    groups = d_in // m
+    bits = index_bits(m)
+    values = torch.empty(d_out, groups * n, dtype=w.dtype, device=w.device)
+    nbytes = (groups * n * bits + 7) // 8
+    indices = torch.empty(d_out, nbytes, dtype=torch.uint8, device=w.device)
+    for lo, hi in _row_chunks(d_out, d_in):
+        block = w[lo:hi].reshape(hi - lo, groups, m)
+        # Slot preference: nonzeros first, then -0.0 (so its sign survives when
+        # a spare slot exists), then +0.0; stable sort keeps column order within each.
+        zero = block == 0
+        rank = zero.to(torch.int8) * 2 - (zero & torch.signbit(block)).to(torch.int8)
+        chosen = torch.argsort(rank, dim=-1, stable=True)[..., :n]
+        chosen = torch.sort(chosen, dim=-1).values  # canonical: increasing columns
+        values[lo:hi] = torch.gather(block, -1, chosen).reshape(hi - lo, groups * n)
+        codes = chosen.reshape(hi - lo, groups * n).to(torch.int32)
+        indices[lo:hi] = _pack_bits(codes, bits)
+    return {
+        "values": values,
+        "indices": indices,
+        "shape": torch.tensor([d_out, d_in], dtype=torch.int64),
+        "pattern": torch.tensor([n, m], dtype=torch.int64),
+    }
+
+
+def unpack_nm(packed: Mapping[str, torch.Tensor], *, device: torch.device | str | None = None,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rebuild the dense weight from pack_nm's dict. Exact (see module doc on -0.0).
+
+    device/dtype: where and in which dtype to return it (default: those of values).
+    The cast, if any, happens after unpacking. Raises ValueError on malformed input.
+    """
+    missing = [p for p in PARTS if p not in packed]
+    if missing:
+        raise ValueError(f"unpack_nm: packed weight lacks parts {missing}")
+    d_out, d_in = (int(v) for v in packed["shape"].tolist())
+    n, m = (int(v) for v in packed["pattern"].tolist())
+    if not 0 < n < m or d_in % m:
+        raise ValueError(f"unpack_nm: inconsistent pattern {n}:{m} for shape {(d_out, d_in)}")
+    groups, bits = d_in // m, index_bits(m)
+    values = packed["values"]
+    indices = packed["indices"]
+    if device is not None:
+        values, indices = values.to(device), indices.to(device)
+    nbytes = (groups * n * bits + 7) // 8
+    if tuple(values.shape) != (d_out, groups * n) or tuple(indices.shape) != (d_out, nbytes):
+        raise ValueError(f"unpack_nm: parts have shapes values={tuple(values.shape)}, "
+                         f"indices={tuple(indices.shape)}; expected {(d_out, groups * n)} "
+                         f"and {(d_out, nbytes)} for shape {(d_out, d_in)} at {n}:{m}")
+    if indices.dtype != torch.uint8:
+        raise ValueError(f"unpack_nm: indices must be uint8, got {indices.dtype}")
+    out = torch.zeros(d_out, groups, m, dtype=values.dtype, device=values.device)
+    for lo, hi in _row_chunks(d_out, d_in):
+        pos = _unpack_bits(indices[lo:hi], bits, groups * n).reshape(hi - lo, groups, n)
+        # pack_nm writes increasing, in-range positions; anything else is a corrupt
+        # file and would make scatter silently overwrite or index out of the group.
+        if pos.numel() and (int(pos.max()) >= m or (n > 1 and not bool((pos[..., 1:] > pos[..., :-1]).all()))):
+            raise ValueError(f"unpack_nm: corrupt indices in rows {lo}..{hi - 1} "
+                             f"(positions must be increasing and < M={m})")
+        out[lo:hi].scatter_(-1, pos, values[lo:hi].reshape(hi - lo, groups, n))
+    out = out.reshape(d_out, d_in)
+    return out if dtype is None else out.to(dtype)
+
+
+def flatten_packed(param_name: str, packed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """pack_nm's dict -> the on-disk tensor names of one parameter."""
+    return {f"{param_name}{_SUFFIX}{part}": packed[part] for part in PARTS}
+
+
+def _split_packed_names(names) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """Group on-disk names into {param: {part: name}} and the list of dense names."""
+    packed: dict[str, dict[str, str]] = {}
+    dense: list[str] = []
+    for name in names:
+        base, sep, part = name.rpartition(_SUFFIX)
+        if sep and part in PARTS:
+            packed.setdefault(base, {})[part] = name
+        else:
+            dense.append(name)
+    return packed, dense
+
+
+# ------------------------------------------------------- which layers are packed
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList holding the decoder blocks, and its qualified name.
+
+    Found generically (model.model.layers for Llama/Qwen/Mistral/Gemma,
+    model.decoder.layers for OPT, transformer.h for GPT-2): among the ModuleLists
+    whose length equals config.num_hidden_layers (when known) and whose entries
+    share one class, take the one holding the most parameters.
+    """
+    expected = None
+    config = getattr(model, "config", None)
+    if config is not None:
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        expected = getattr(text_config, "num_hidden_layers", None)
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if expected is not None and len(module) != expected:
+            continue
+        if len({type(block) for block in module}) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, module)
+    if best is None:
+        raise ValueError(f"could not find the decoder layers of {type(model).__name__} "
+                         f"(no ModuleList of {expected} identical blocks); pass layer_names")
+    return best[1], best[2]
+
+
+def eligible_linear_names(model: nn.Module) -> list[str]:
+    """Qualified names of every nn.Linear inside the decoder blocks (not embeddings/lm_head)."""
+    prefix, _ = find_decoder_layers(model)
+    start = prefix + "."
+    return [name for name, module in model.named_modules()
+            if name.startswith(start) and isinstance(module, nn.Linear)]
+
+
+def _resolve_linears(model: nn.Module, layer_names: list[str] | None) -> list[str]:
+    names = eligible_linear_names(model) if layer_names is None else [
+        name[: -len(".weight")] if name.endswith(".weight") else name for name in layer_names]
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"{name} is a {type(module).__name__}, not an nn.Linear")
+    return names
+
+
+# --------------------------------------------------------------- save / load
+
+def _dedupe_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop entries that alias an earlier one (tied embeddings); return kept + {alias: kept}.
+
+    Safetensors refuses tensors that share memory. Identical views are tied weights
+    and are written once; any other overlap is stored as an independent copy.
+    """
+    seen: dict[tuple, str] = {}
+    storages: set[int] = set()
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for name, tensor in state.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        key = (ptr, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        if ptr in storages and tensor.numel():
+            tensor = tensor.clone()
+        seen[key] = name
+        storages.add(ptr)
+        kept[name] = tensor
+    return kept, aliases
+
+
+def save_packed_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike, pattern: str,
+                      layer_names: list[str] | None = None) -> dict:
+    """Write `model` to out_dir with its decoder linears packed (format in the module doc).
+
+    layer_names: module (or `.weight` parameter) names to pack; default: every nn.Linear
+    inside the decoder blocks. Every one must be N:M-valid for `pattern`; otherwise a
+    ValueError names the first bad layer, row and group, and nothing is written.
+    tokenizer: saved alongside when not None. Returns the config entry written, plus
+    a `size` report (see packed_size_report).
+    """
+    nm = parse_pattern(pattern)
+    if nm is None:
+        raise ValueError("save_packed_model needs an N:M pattern such as '2:4'; "
+                         "an unstructured model has no packed format (save it dense)")
+    n, m = nm
+    names = _resolve_linears(model, layer_names)
+    # Validate everything before touching the disk, so a bad layer leaves no half-written model.
+    for name in names:
+        problem = find_nm_violation(model.get_submodule(name).weight, n, m)
+        if problem is not None:
+            raise ValueError(f"layer {name} is not {n}:{m}-sparse: {problem}; nothing was written")
+
+    state, aliases = _dedupe_state(model.state_dict())
+    packed_params = [f"{name}.weight" for name in names]
+    for param in packed_params:
+        if param in aliases or param in aliases.values():
+            raise ValueError(f"{param} is tied to another tensor; tied weights cannot be packed")
+
+    tensors: dict[str, torch.Tensor] = {}
+    packed_set = set(packed_params)
+    for name, tensor in state.items():
+        if name in packed_set:
+            packed = pack_nm(tensor, n, m)
+            tensors.update({k: v.cpu().contiguous() for k, v in flatten_packed(name, packed).items()})
+        else:
+            tensors[name] = tensor.detach().cpu().contiguous()
+    clash = [k for k in state if k not in packed_set and _split_packed_names([k])[0]]
+    if clash:
+        raise ValueError(f"tensor names clash with the packed naming scheme: {clash[:3]}")
+
+    first = model.get_submodule(names[0]).weight if names else next(model.parameters())
+    entry = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "pattern": f"{n}:{m}",
+        "index_bits": index_bits(m),
+        "dtype": str(first.dtype).removeprefix("torch."),
+        "weights_file": WEIGHTS_FILE,
+        "packed": packed_params,
+        "tied": aliases,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(model.config)
+    setattr(config, CONFIG_KEY, entry)
+    config.save_pretrained(out)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        try:
+            generation_config.save_pretrained(out)
+        except Exception as exc:  # an invalid generation config must not lose the weights
+            log.warning("generation_config not saved: %s", exc)
+    from safetensors.torch import save_file
+    tmp = out / (WEIGHTS_FILE + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt", CONFIG_KEY: json.dumps(entry)})
+    os.replace(tmp, out / WEIGHTS_FILE)  # readers never see a half-written file
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return {**entry, "size": packed_size_report(out)}
+
+
+def read_packing_entry(model_dir: str | os.PathLike) -> dict:
+    """The `sparsity_packing` entry of a packed model dir; ValueError if absent/unknown."""
+    path = Path(model_dir) / "config.json"
+    entry = json.loads(path.read_text()).get(CONFIG_KEY)
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path} has no '{CONFIG_KEY}' entry: not a packed model "
+                         "(load a dense model with from_pretrained)")
+    if entry.get("format") != FORMAT_NAME or entry.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported packing {entry.get('format')!r} version "
+                         f"{entry.get('version')!r}; this code reads {FORMAT_NAME!r} v{FORMAT_VERSION}")
+    return entry
+
+
+def load_packed_model(model_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                      device: torch.device | str = "cpu") -> nn.Module:
+    """Rebuild a model written by save_packed_model: from_config, unpack, load. Returns the model.
+
+    dtype: default = the dtype the weights were saved in (then outputs equal the
+    saved model's exactly). device: where the model is built and weights unpacked.
+    The returned model is in eval mode; its config no longer carries the packing
+    entry (its weights are dense now). The tokenizer: load_packed_tokenizer(model_dir).
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    entry = read_packing_entry(model_dir)
+    config = AutoConfig.from_pretrained(model_dir)
+    if hasattr(config, CONFIG_KEY):
+        delattr(config, CONFIG_KEY)
+    target = dtype if dtype is not None else getattr(torch, entry["dtype"])
+    device = torch.device(device)
+    with device:
+        model = AutoModelForCausalLM.from_config(config, dtype=target)
+    state = model.state_dict()
+    aliases: dict[str, str] = entry.get("tied", {})
+
+    weights = Path(model_dir) / entry["weights_file"]
+    loaded: set[str] = set()
+    with safe_open(str(weights), framework="pt", device="cpu") as handle, torch.no_grad():
+        packed_names, dense_names = _split_packed_names(handle.keys())
+        unknown = [k for k in list(dense_names) + list(packed_names) if k not in state]
+        if unknown:
+            raise ValueError(f"{weights} holds tensors this model does not have: {unknown[:5]}")
+        for name in dense_names:
+            state[name].copy_(handle.get_tensor(name).to(device))
+            loaded.add(name)
+        for name, parts in packed_names.items():
+            packed = {part: handle.get_tensor(key) for part, key in parts.items()}
+            state[name].copy_(unpack_nm(packed, device=device))
+            loaded.add(name)
+        for alias, source in aliases.items():
+            # from_config normally re-ties these already; copy only if it did not.
+            if state[alias].data_ptr() != state[source].data_ptr():
+                state[alias].copy_(state[source])
+            loaded.add(alias)
+    missing = [k for k in state if k not in loaded]
+    if missing:
+        raise ValueError(f"{weights} lacks tensors the model needs: {missing[:5]}")
+    model.eval()
+    return model
+
+
+def load_packed_tokenizer(model_dir: str | os.PathLike):
+    """The tokenizer saved next to a packed model, or None when none was saved."""
+    if not any((Path(model_dir) / name).exists() for name in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+# ----------------------------------------------------------------- size report
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
+                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2,
+                "U32": 4, "U64": 8}
+
+
+def _safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file: {name: {dtype, shape, data_offsets}}.
+
+    (Format: 8-byte little-endian header length, then the JSON.) Reading it gives
+    exact stored sizes without loading any tensor data.
+    """
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return header
+
+
+def packed_size_report(source) -> dict:
+    """Bytes of the packed linear weights vs the same weights stored dense.
+
+    source: a packed model directory, a .safetensors file, or a mapping of on-disk
+    tensor names (as flatten_packed / the file use) to tensors.
+    Returns {packed_bytes, dense_bytes, size_ratio, num_packed, other_bytes} and,
+    for files, file_bytes (whole file, header included). packed_bytes counts all four
+    parts; dense_bytes = d_out * d_in * itemsize of the values dtype.
+    """
+    report: dict = {}
+    if isinstance(source, Mapping):
+        sizes = {k: v.numel() * v.element_size() for k, v in source.items()}
+        packed_names, dense_names = _split_packed_names(sizes)
+        shapes = {p: [int(x) for x in source[parts["shape"]].tolist()] for p, parts in packed_names.items()}
+        itemsize = {p: source[parts["values"]].element_size() for p, parts in packed_names.items()}
+    else:
+        path = Path(source)
+        if path.is_dir():
+            path = path / read_packing_entry(path)["weights_file"]
+        header = _safetensors_header(path)
+        sizes = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()}
+        packed_names, dense_names = _split_packed_names(sizes)
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            shapes = {p: [int(x) for x in handle.get_tensor(parts["shape"]).tolist()]
+                      for p, parts in packed_names.items()}
+        itemsize = {p: _DTYPE_BYTES[header[parts["values"]]["dtype"]] for p, parts in packed_names.items()}
+        report["file_bytes"] = path.stat().st_size
+    packed_bytes = sum(sizes[name] for parts in packed_names.values() for name in parts.values())
+    dense_bytes = sum(shapes[p][0] * shapes[p][1] * itemsize[p] for p in packed_names)
+    report.update({
+        "packed_bytes": packed_bytes,
+        "dense_bytes": dense_bytes,
+        "size_ratio": packed_bytes / dense_bytes if dense_bytes else None,
+        "num_packed": len(packed_names),
+        "other_bytes": sum(sizes[name] for name in dense_names),
+    })
+    return report
