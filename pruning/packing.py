@@ -408,6 +408,9 @@ def load_packed_model(model_dir: str | os.PathLike, *, dtype: torch.dtype | None
     loaded: set[str] = set()
     with safe_open(str(weights), framework="pt", device="cpu") as handle, torch.no_grad():
         packed_names, dense_names = _split_packed_names(handle.keys())
+        if sorted(packed_names) != sorted(entry["packed"]):
+            raise ValueError(f"{weights}: packed tensors {sorted(packed_names)[:3]}... do not match "
+                             f"config.json's list {sorted(entry['packed'])[:3]}...")
         unknown = [k for k in list(dense_names) + list(packed_names) if k not in state]
         if unknown:
             raise ValueError(f"{weights} holds tensors this model does not have: {unknown[:5]}")
