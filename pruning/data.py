@@ -33,10 +33,14 @@ def calibration_windows(documents: list[str], tokenizer, nsamples: int, seqlen: 
     """`nsamples` windows of `seqlen` tokens: each from a random document longer than
     seqlen, at a random offset (the SparseGPT/Wanda/ADMM papers' C4 rule)."""
     rng = random.Random(seed)
+    tokenized: dict[int, torch.Tensor] = {}  # most documents are too short and drawn again
     windows = []
     for _ in range(nsamples):
         for _attempt in range(100 * len(documents)):
-            ids = tokenizer(documents[rng.randint(0, len(documents) - 1)], return_tensors="pt").input_ids
+            index = rng.randint(0, len(documents) - 1)
+            if index not in tokenized:
+                tokenized[index] = tokenizer(documents[index], return_tensors="pt").input_ids
+            ids = tokenized[index]
             if ids.shape[1] > seqlen:
                 break
         else:

@@ -304,7 +304,7 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
     start = time.perf_counter()
     device = device or next(model.parameters()).device
     spec.validate(model)
-    model.eval()
+    model.to(device).eval()
     if inputs is None:
         inputs = capture_block_inputs(model, calib_ids, device=device, progress=progress)
     hidden = inputs.hidden
