@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -84,9 +85,43 @@ def _split_call(args, kwargs) -> tuple[torch.Tensor, BlockCall]:
     return hidden, BlockCall((), kwargs)
 
 
+@contextmanager
+def _blocks_visit(layers: nn.ModuleList, device):
+    """Offloading: each block comes to `device` only while it runs, then goes home."""
+    def arrive(module, args):
+        module.to(device)
+
+    def leave(module, args, output):
+        module.to("cpu")
+
+    handles = [h for layer in layers for h in (layer.register_forward_pre_hook(arrive),
+                                               layer.register_forward_hook(leave))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _place(model: nn.Module, device, offload: bool) -> None:
+    """All of the model on `device`, or (offload) all but the decoder blocks, which stay on the CPU."""
+    if not offload:
+        model.to(device)
+        return
+    layers = decoder_layers(model)
+    parent_name, _, attr = _layers_prefix(model).rpartition(".")
+    parent = model.get_submodule(parent_name)
+    setattr(parent, attr, nn.ModuleList())   # hide the blocks while the rest moves
+    try:
+        model.to(device)
+    finally:
+        setattr(parent, attr, layers)
+    layers.to("cpu")
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, *, device: str | torch.device = "cpu",
-                         progress: bool = False) -> BlockInputs:
+                         progress: bool = False, offload: bool = False) -> BlockInputs:
     """Block-0 inputs for each calibration sample (one clean forward each, no cache),
     and the call arguments of every block (taken from a full forward of sample 0:
     they depend on positions only, and e.g. Gemma3 gives each layer type its own)."""
@@ -107,7 +142,8 @@ def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, *, device: s
     handles = [layer.register_forward_pre_hook(lambda m, a, k, i=i: record_all(i, m, a, k), with_kwargs=True)
                for i, layer in enumerate(layers)]
     try:
-        model(calib_ids[:1].to(device), use_cache=False)
+        with _blocks_visit(layers, device) if offload else nullcontext():
+            model(calib_ids[:1].to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -295,18 +331,22 @@ def _prune_block(block, index, prefix, inputs, call, spec: PruneSpec) -> list[di
 @torch.no_grad()
 def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpec, *,
                 device: str | torch.device | None = None, store: BlockStore | None = None,
-                progress: bool = True, inputs: BlockInputs | None = None) -> PruneResult:
+                progress: bool = True, inputs: BlockInputs | None = None,
+                offload: bool = False) -> PruneResult:
     """Prune every decoder block in place, block by block.
 
     `store` (optional) makes the run resumable: a block it can load is not pruned
     again, only propagated; every newly pruned block is saved to it.
+    `offload` keeps the decoder blocks on the CPU and brings one at a time to
+    `device`, so device memory holds one block plus the activations.
     """
     start = time.perf_counter()
     device = device or next(model.parameters()).device
     spec.validate(model)
-    model.to(device).eval()
+    model.eval()
+    _place(model, device, offload)
     if inputs is None:
-        inputs = capture_block_inputs(model, calib_ids, device=device, progress=progress)
+        inputs = capture_block_inputs(model, calib_ids, device=device, progress=progress, offload=offload)
     hidden = inputs.hidden
     prefix = _layers_prefix(model) + "."
     stats, reused, computed = [], [], []
@@ -315,6 +355,7 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
         bar = tqdm(range(len(layers)), desc="prune", disable=not progress, unit="block")
         for i in bar:
             block, call = layers[i], inputs.calls[i]
+            block.to(device)
             linears = block_linears(block)
             stored = store.load(i) if store is not None else None
             if stored is not None:
@@ -331,4 +372,6 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
                 bar.set_postfix_str(f"block {i}: pruned")
             stats.extend(block_stats)
             hidden = propagate(block, hidden, call)
+            if offload:
+                block.to("cpu")
     return PruneResult(stats, time.perf_counter() - start, reused, computed)
