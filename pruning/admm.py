@@ -72,21 +72,25 @@ def admm_solve(weight: torch.Tensor, system: AdmmSystem, *, mask: torch.Tensor |
     Returns (new weight in the system's dtype, bool mask), both (d_out, d_in).
     """
     scale, rho = system.scale, system.rho
-    w_hat = weight.to(system.inverse.dtype).t() * scale[:, None]          # (d_in, d_out)
+    dtype = system.inverse.dtype
+    # Everything in the loop is contiguous (d_in, d_out) and the mask is a float
+    # multiplier: mixed layouts and bool casts made the elementwise work ~2x slower.
+    w_hat = (weight.to(dtype).t() * scale[:, None]).contiguous()          # (d_in, d_out)
     b = system.gram_hat @ w_hat
     v, u = w_hat.clone(), torch.zeros_like(w_hat)
-    mask_t = None if mask is None else mask.t().to(w_hat.device)
+    mask_t = None if mask is None else mask.t().to(w_hat.device, dtype).contiguous()
     for step in range(iters):
         if mask is None and step < mask_steps:
             score = (v + u).abs().t()
             if nm is None:
                 target = sparsity_schedule(step, mask_steps, sparsity, schedule)
-                mask_t = unstructured_mask(score, target, group).t()
+                chosen = unstructured_mask(score, target, group)
             else:
                 target = sparsity_schedule(step, mask_steps, 1.0 - nm[0] / nm[1], schedule)
-                mask_t = gradual_nm_mask(score, nm[0], nm[1], target).t()
+                chosen = gradual_nm_mask(score, nm[0], nm[1], target)
+            mask_t = chosen.t().to(dtype).contiguous()
         z = (v + u) * mask_t
         u = u + v - z
         v = system.solve(b + rho * (z - u))
     final = ((v + u) * mask_t).t() / scale[None, :]
-    return final, mask_t.t().clone()
+    return final, mask_t.t() > 0

@@ -1,0 +1,208 @@
+#!/usr/bin/env python
+"""Perplexity after pruning, every method on the same model, data and protocol.
+
+    python bench/quality.py                      # paper profile with CUDA, cpu profile without
+    python bench/quality.py --profile paper      # 128 x 2048 C4 calibration, full WikiText-2, 256 C4 windows
+    python bench/quality.py --profile cpu        # the small CPU protocol (see PROFILES)
+    python bench/quality.py --only admm-grad     # a subset of the grid (repeatable flag)
+
+Every record is written to bench/results/quality.json as soon as it is measured, and
+a rerun skips records already there (same model, method, pattern, sparsity and
+protocol), so a grid can be finished over several sittings. --force redoes them.
+
+Block-0 inputs are captured once per run from the dense model and reused for every
+method (capture depends only on the dense model and the calibration ids); each
+method prunes a fresh deep copy of the dense model. Grams and solves are fp32 in
+every profile (TF32 off); the paper profile keeps the model itself in fp16.
+
+Imports only torch, transformers, pyarrow and `pruning` (runs on the GPU machine).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common import REPO, ResultFile, device_label, git_commit  # also puts REPO on sys.path
+
+import torch  # noqa: E402
+
+from pruning import PruneSpec, capture_block_inputs, perplexity, prune_model  # noqa: E402
+from pruning.data import (c4_validation_ids, calibration_windows, read_documents,  # noqa: E402
+                          split_windows, wikitext2_ids)
+from pruning.models import load_model  # noqa: E402
+from pruning.owl import owl_block_overrides  # noqa: E402
+
+DEFAULT_OUT = REPO / "bench" / "results" / "quality.json"
+KEY = ("model", "method", "pattern", "sparsity", "protocol")
+
+
+@dataclass
+class Profile:
+    nsamples: int
+    seqlen: int
+    wikitext_windows: int | None      # None = all windows
+    c4_windows: int
+    dtype: str
+    model: str = "smollm2-135m"
+
+    def protocol(self, device: str) -> str:
+        wiki = "all windows" if self.wikitext_windows is None else f"first{self.wikitext_windows} windows"
+        text = (f"c4 {self.nsamples}x{self.seqlen} seed0; wikitext2 seqlen{self.seqlen} {wiki}; "
+                f"c4val seqlen{self.seqlen} first{self.c4_windows} windows")
+        return text if device.startswith("cuda") else "cpu: " + text
+
+
+PROFILES = {
+    # The papers' protocol (DESIGN.md section 4).
+    "paper": Profile(nsamples=128, seqlen=2048, wikitext_windows=None, c4_windows=256, dtype="float16"),
+    # Fits the whole grid in well under an hour on 2 shared CPU cores.
+    "cpu": Profile(nsamples=16, seqlen=256, wikitext_windows=16, c4_windows=16, dtype="float32"),
+    # For tests: seconds on tiny-random-llama.
+    "tiny": Profile(nsamples=2, seqlen=32, wikitext_windows=2, c4_windows=2, dtype="float32",
+                    model="tiny-random-llama"),
+}
+
+
+@dataclass
+class Run:
+    """One record of the grid: a method name (variants have their own) and how to run it."""
+    name: str
+    method: str
+    pattern: str
+    sparsity: float
+    options: dict = field(default_factory=dict)
+    true_sequential: bool = False
+    owl: bool = False
+
+
+BASE = ("magnitude", "wanda", "sparsegpt", "admm", "admm-grad")
+VARIANTS = {  # admm-grad beyond the paper, each measured against plain admm-grad
+    "admm-grad-constant": dict(options={"schedule": "constant"}),
+    "admm-grad-tseq": dict(true_sequential=True),
+    "admm-grad-fp64": dict(options={"solve_dtype": "float64"}),
+    "admm-grad-owl": dict(owl=True),
+}
+
+
+def grid() -> list[Run]:
+    """Most important first, so that an interrupted grid still says the most."""
+    def base(pattern, sparsity):
+        return [Run(m, m, pattern, sparsity) for m in BASE]
+
+    def variants(pattern, sparsity, names):
+        return [Run(n, "admm-grad", pattern, sparsity, **VARIANTS[n]) for n in names]
+
+    runs = [Run("dense", "dense", "unstructured", 0.0)]
+    runs += base("unstructured", 0.5) + base("2:4", 0.5)
+    runs += variants("unstructured", 0.5, ["admm-grad-constant", "admm-grad-tseq", "admm-grad-owl",
+                                           "admm-grad-fp64"])
+    for s in (0.6, 0.7, 0.8):
+        runs += base("unstructured", s)
+    runs += base("4:8", 0.5)
+    runs += variants("unstructured", 0.7, ["admm-grad-owl", "admm-grad-tseq", "admm-grad-constant"])
+    runs += variants("2:4", 0.5, ["admm-grad-tseq", "admm-grad-constant"])
+    runs += [Run("wanda-owl", "wanda", "unstructured", 0.7, owl=True),
+             Run("sparsegpt-owl", "sparsegpt", "unstructured", 0.7, owl=True)]
+    runs += variants("unstructured", 0.8, ["admm-grad-owl", "admm-grad-tseq"])
+    return runs
+
+
+def load_eval_data(data_dir: Path, tokenizer, profile: Profile):
+    calib_docs = read_documents(data_dir / "c4-train-first1000.jsonl")
+    calib = calibration_windows(calib_docs, tokenizer, profile.nsamples, profile.seqlen, seed=0)
+    wiki = split_windows(wikitext2_ids(read_documents(data_dir / "wikitext2-raw-test.txt"), tokenizer),
+                         profile.seqlen, profile.wikitext_windows)
+    c4val = c4_validation_ids(read_documents(data_dir / "c4_validation_2k.parquet"), tokenizer,
+                              profile.seqlen, profile.c4_windows)
+    return calib, wiki, split_windows(c4val, profile.seqlen, profile.c4_windows)
+
+
+def run_grid(profile_name: str, *, out: Path, data_dir: Path, device: str, only: list[str] | None = None,
+             force: bool = False, progress: bool = False, cache_dir: str | None = None) -> list[dict]:
+    profile = PROFILES[profile_name]
+    protocol = profile.protocol(device)
+    results = ResultFile(out, KEY)
+    todo = [r for r in grid() if (not only or r.name in only)]
+    todo = [r for r in todo if force or not results.has(model=profile.model, method=r.name, pattern=r.pattern,
+                                                           sparsity=r.sparsity, protocol=protocol)]
+    print(f"{len(todo)} record(s) to measure ({protocol}) -> {out}", flush=True)
+    if not todo:
+        return results.records
+
+    dense, tokenizer = load_model(profile.model, dtype=profile.dtype, device=device, cache_dir=cache_dir)
+    calib, wiki, c4val = load_eval_data(data_dir, tokenizer, profile)
+    t0 = time.perf_counter()
+    inputs = capture_block_inputs(dense, calib, device=device)
+    capture_seconds = time.perf_counter() - t0
+    commit = git_commit()
+    owl_cache: dict[float, tuple[dict, float]] = {}   # sparsity -> (overrides, seconds)
+
+    for run in todo:
+        t0 = time.perf_counter()
+        stats, prune_seconds, extra = [], 0.0, {}
+        if run.method == "dense":
+            model = dense
+        else:
+            spec = PruneSpec(run.method, run.sparsity, run.pattern, dict(run.options),
+                             true_sequential=run.true_sequential)
+            if run.owl:
+                if run.sparsity not in owl_cache:
+                    t1 = time.perf_counter()
+                    overrides = owl_block_overrides(dense, inputs, run.sparsity)
+                    owl_cache[run.sparsity] = (overrides, time.perf_counter() - t1)
+                spec.block_overrides, owl_seconds = owl_cache[run.sparsity]
+                # The outlier scoring is part of the method's cost.
+                prune_seconds += owl_seconds
+                extra["owl_block_sparsity"] = [round(o["sparsity"], 4) for o in spec.block_overrides.values()]
+            model = copy.deepcopy(dense)
+            result = prune_model(model, None, spec, device=device, progress=progress, inputs=inputs)
+            prune_seconds += result.seconds
+            stats = result.layers
+        wiki_ppl = perplexity(model, wiki, device=device, progress=progress, desc="wikitext2")
+        c4_ppl = perplexity(model, c4val, device=device, progress=progress, desc="c4")
+        record = {
+            "model": profile.model, "method": run.name, "pattern": run.pattern, "sparsity": run.sparsity,
+            "wikitext2_ppl": wiki_ppl, "c4_ppl": c4_ppl, "protocol": protocol,
+            "prune_seconds": prune_seconds, "commit": commit,
+            "profile": profile_name, "device": device_label(device), "model_dtype": profile.dtype,
+            "base_method": run.method, "options": run.options, "true_sequential": run.true_sequential,
+            "owl": run.owl, "capture_seconds": capture_seconds,
+            "mean_rel_error": (sum(s["rel_error"] for s in stats) / len(stats)) if stats else 0.0,
+            "measured_sparsity": (sum(s["sparsity"] for s in stats) / len(stats)) if stats else 0.0,
+            "torch": torch.__version__, "record_seconds": time.perf_counter() - t0, **extra,
+        }
+        results.add(record)
+        print(f"{run.name:20s} {run.pattern:12s} {run.sparsity:.2f}  wikitext2 {wiki_ppl:10.3f}  "
+              f"c4 {c4_ppl:10.3f}  prune {prune_seconds:7.1f}s", flush=True)
+        if model is not dense:
+            del model
+            gc.collect()
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    return results.records
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default=None,
+                        help="default: paper with CUDA, cpu without")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--data-dir", type=Path, default=REPO / "data")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--only", action="append", help="method name(s) of the grid to run")
+    parser.add_argument("--cache-dir", default=None, help="where the converted model is cached")
+    parser.add_argument("--force", action="store_true", help="redo records already in the JSON")
+    parser.add_argument("--progress", action="store_true")
+    args = parser.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    profile = args.profile or ("paper" if device.startswith("cuda") else "cpu")
+    run_grid(profile, out=args.out, data_dir=args.data_dir, device=device, only=args.only,
+             force=args.force, progress=args.progress, cache_dir=args.cache_dir)
+
+
+if __name__ == "__main__":
+    main()
