@@ -1,0 +1,204 @@
+"""`admm-prune`: the command a user reaches for first.
+
+  admm-prune run [--set key=value ...] [--profile paper]   run the pipeline (Prefect flow over DVC)
+  admm-prune plan [--set key=value ...]                     which stages would run, and why
+  admm-prune runs                                           past runs' params and metrics side by side
+  admm-prune sweep --sparsities 0.5,0.6 --methods wanda,admm-grad
+  admm-prune serve --cron "0 3 * * *"                       scheduled re-runs (Prefect deployment)
+
+Every command works on the workspace given by -C (default: the current directory).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+from stages.params import ParamError, check_all
+from stages.workspace_lock import PipelineBusy
+
+from .dvc_runner import StageFailed
+
+EXIT_PARAMS, EXIT_BUSY, EXIT_STAGE = 2, 3, 1
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(part) for part in _csv(text)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="admm-prune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-C", "--workspace", default=".", help="the workspace (where dvc.yaml is)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def overrides(p):
+        p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a param in params.yaml, e.g. prune.sparsity=0.6 (repeatable)")
+        p.add_argument("--profile", help="apply params-<PROFILE>.yaml first (paper, tiny)")
+
+    run = sub.add_parser("run", help="run the pipeline; DVC skips what is up to date")
+    overrides(run)
+    run.add_argument("--force", action="append", default=[], metavar="STAGE",
+                     help="rerun this stage even if DVC thinks it is up to date (repeatable)")
+    run.add_argument("--retries", type=int, default=1, help="retries of a failed stage (default 1)")
+    run.add_argument("--no-prefect", action="store_true",
+                     help="run the stages through DVC without the Prefect flow (no local API server)")
+    run.add_argument("--no-save", action="store_true", help="do not record the run with `dvc exp save`")
+
+    plan = sub.add_parser("plan", help="show which stages would run and why, without running")
+    overrides(plan)
+
+    runs = sub.add_parser("runs", help="past runs' params and metrics side by side (from dvc exp show)")
+    runs.add_argument("--all-commits", action="store_true", help="include experiments of every commit")
+
+    sweep = sub.add_parser("sweep", help="models x methods x sparsities in parallel (Dask), one DVC experiment each")
+    sweep.add_argument("--models", type=_csv, help="comma-separated model sources (default: params.yaml's)")
+    sweep.add_argument("--methods", type=_csv, help="comma-separated methods (default: params.yaml's)")
+    sweep.add_argument("--sparsities", type=_floats, help="comma-separated sparsities (default: params.yaml's)")
+    sweep.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                       help="an override applied to every run (repeatable)")
+    sweep.add_argument("--workers", type=int, default=2, help="local Dask worker processes (default 2)")
+    sweep.add_argument("--dask-address", help="use this Dask scheduler (e.g. tcp://host:8786) instead of a local cluster")
+
+    serve = sub.add_parser("serve", help="serve a cron-scheduled deployment of the pipeline flow")
+    serve.add_argument("--cron", default="0 3 * * *", help='cron schedule (default "0 3 * * *")')
+    serve.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    serve.add_argument("--force", action="append", default=[], metavar="STAGE")
+    serve.add_argument("--name", default="admm-prune-scheduled", help="deployment name")
+    return parser
+
+
+# ---------------------------------------------------------------- output
+
+def result_table(workspace: Path) -> str:
+    """The dense vs pruned table printed at the end of a run."""
+    path = workspace / "metrics" / "eval.json"
+    if not path.is_file():
+        return ""
+    ev = json.loads(path.read_text())
+
+    def cell(value, digits=3):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    rows = [("WikiText-2 perplexity", cell(ev.get("dense_wikitext2_ppl")), cell(ev["wikitext2_ppl"])),
+            ("C4 perplexity", cell(ev.get("dense_c4_ppl")), cell(ev["c4_ppl"])),
+            ("sparsity (pruned linears)", "0", cell(ev["sparsity"], 4))]
+    lines = [f"{'':<28}{'dense':>12}{'pruned':>12}"]
+    lines += [f"{name:<28}{dense:>12}{pruned:>12}" for name, dense, pruned in rows]
+    lines.append(f"({ev['wikitext2_windows']} WikiText-2 and {ev['c4_windows']} C4 windows of {ev['seqlen']} tokens; "
+                 f"{'full protocol' if ev.get('protocol') == 'full' else 'evaluation subset'})")
+    return "\n".join(lines)
+
+
+def stage_summary(runs: list[dict]) -> str:
+    labels = {"ran": "ran", "skipped": "cached (unchanged)", "restored": "cached (restored from run-cache)"}
+    return "\n".join(f"  {r['stage']:<10} {labels[r['outcome']]:<34} {r['seconds']:>6.1f} s" for r in runs)
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_run(args, workspace: Path) -> int:
+    if args.no_prefect:
+        result = run_without_prefect(workspace, args.sets, args.profile, tuple(args.force))
+    else:
+        from .pipeline import pipeline_flow
+        result = pipeline_flow(str(workspace), sets=args.sets, profile=args.profile, retries=args.retries,
+                               force=args.force)
+    print("\nstages:")
+    print(stage_summary(result["stages"]))
+    if result["ran"] and not args.no_save:
+        from .history import save_run
+        saved = save_run(workspace)
+        if saved:
+            print(saved + "  (see `admm-prune runs`)")
+    print()
+    print(result_table(workspace))
+    print(f"\nreport: {workspace / 'reports' / 'report.md'}   pruned model: {workspace / 'reports' / 'model'}")
+    return 0
+
+
+def run_without_prefect(workspace: Path, sets, profile, force) -> dict:
+    """The same stages in the same order, straight through DVC."""
+    from stages.workspace_lock import TOKEN_ENV, WorkspaceLock
+
+    from .dvc_runner import repro_stage
+    from .workspace import prepare_params, run_stages
+
+    with WorkspaceLock(workspace, purpose="admm-prune pipeline") as lock:
+        for change in prepare_params(workspace, sets, profile):
+            print(f"params.yaml: {change}")
+        runs = run_stages(workspace, lock.token,
+                          lambda stage, ws, token, forced: repro_stage(ws, stage, {TOKEN_ENV: token},
+                                                                       force=forced).as_dict(), force)
+    return {"stages": runs, "ran": [r["stage"] for r in runs if not r["cached"]]}
+
+
+def cmd_plan(args, workspace: Path) -> int:
+    from .params_edit import apply_overrides, parse_assignment, profile_overrides
+    from .plan import format_plan, make_plan
+
+    assignments = profile_overrides(args.profile, workspace) if args.profile else []
+    assignments += [parse_assignment(s) for s in args.sets]
+    params, changes = apply_overrides(workspace / "params.yaml", assignments, write=False)
+    with contextlib.chdir(workspace):
+        check_all(params)
+    for change in changes:
+        print(f"with {change}")
+    print(format_plan(make_plan(workspace, params)))
+    return 0
+
+
+def cmd_runs(args, workspace: Path) -> int:
+    from .history import format_table, past_runs
+    print(format_table(past_runs(workspace, args.all_commits)))
+    return 0
+
+
+def cmd_sweep(args, workspace: Path) -> int:
+    from .history import format_table
+    from .sweep import run_sweep
+    results = run_sweep(str(workspace), args.models, args.methods, args.sparsities, args.sets,
+                        workers=args.workers, address=args.dask_address)
+    print(format_table([{**{k: r[k] for k in ("name", "wikitext2_ppl", "c4_ppl", "sparsity", "seconds")},
+                         "stages run": ",".join(r["ran"]) or "none"} for r in results]))
+    print("\nall runs: `admm-prune runs` or `dvc exp show`; bring one into the workspace: `dvc exp apply <name>`")
+    return 0
+
+
+def cmd_serve(args, workspace: Path) -> int:
+    from .deploy import serve
+    serve(str(workspace), args.cron, args.sets, args.name, args.force)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "runs": cmd_runs, "sweep": cmd_sweep, "serve": cmd_serve}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    workspace = Path(args.workspace).resolve()
+    if not (workspace / "dvc.yaml").is_file():
+        print(f"error: {workspace} has no dvc.yaml (use -C to point at the workspace)", file=sys.stderr)
+        return EXIT_PARAMS
+    try:
+        return COMMANDS[args.command](args, workspace)
+    except ParamError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_PARAMS
+    except PipelineBusy as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BUSY
+    except StageFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_STAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Stage `convert`: the 2:4 (N:M) conversion.
+
+For an N:M prune.pattern, writes the pruned model in the packed N:M format
+(pruning.packing: only the kept values plus in-group indices) to artifacts/converted;
+packing refuses a layer that is not N:M-valid. An unstructured model has no packed
+format: the stage passes the weights through (evaluate and report read
+artifacts/pruned directly), writes a note saying so, and logs it.
+"""
+from __future__ import annotations
+
+from .artifact_io import read_json, write_json
+from .modelio import load_dense, load_tokenizer
+from .params import ParamError, load_params, section
+from .paths import CONVERT_JSON, CONVERT_METRICS, CONVERTED_DIR, PRUNE_LOG, PRUNED_DIR
+from .runtime import main_wrapper, say
+
+STAGE = "convert"
+
+
+def run() -> None:
+    params = load_params()
+    pattern = section(params, "prune")["pattern"]
+    from pruning.masks import parse_pattern
+    try:
+        nm = parse_pattern(pattern)
+    except ValueError as err:
+        raise ParamError("prune.pattern", str(err).partition(": ")[2]) from None
+
+    CONVERTED_DIR.mkdir(parents=True, exist_ok=True)
+    if nm is None:
+        note = {"packed": False, "pattern": pattern, "weights": str(PRUNED_DIR),
+                "reason": "unstructured sparsity has no packed format; the pruned weights pass through unchanged"}
+        write_json(CONVERTED_DIR / CONVERT_JSON, note)
+        write_json(CONVERT_METRICS, {"packed": False})
+        say(STAGE, f"pattern {pattern!r}: nothing to pack, passing {PRUNED_DIR} through")
+        return
+
+    from pruning.packing import save_packed_model
+
+    # Pack the layers pruned with this pattern; layers a per-layer override gave
+    # another pattern stay dense.
+    log = read_json(PRUNED_DIR / PRUNE_LOG)
+    names = [layer["name"] for layer in log["layers"] if layer["pattern"] == pattern]
+    model = load_dense(PRUNED_DIR, "cpu")
+    entry = save_packed_model(model, load_tokenizer(PRUNED_DIR), CONVERTED_DIR, pattern, layer_names=names)
+    size = entry["size"]
+    write_json(CONVERTED_DIR / CONVERT_JSON, {"packed": True, "pattern": pattern, "weights": str(CONVERTED_DIR),
+                                              "packed_layers": len(names), "dense_layers": len(log["layers"]) - len(names)})
+    write_json(CONVERT_METRICS, {"packed": True, "packed_layers": len(names), **size})
+    say(STAGE, f"packed {len(names)} layers as {pattern}: linear weights {size['packed_bytes'] / 2**20:.1f} MiB "
+               f"instead of {size['dense_bytes'] / 2**20:.1f} MiB dense -> {CONVERTED_DIR}")
+
+
+if __name__ == "__main__":
+    main_wrapper(STAGE, run)

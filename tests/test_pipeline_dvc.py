@@ -1,0 +1,276 @@
+"""The DVC pipeline end to end, on tiny-random-llama in a temporary git + DVC repo.
+
+Every claim is checked against DVC's own words ("Running stage", "didn't change",
+"is cached") and against the bytes of the artifacts. The tests share one workspace
+(building it runs the whole pipeline once); each test puts params.yaml back the way
+it found it.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline_support import ROOT, decisions, dvc, make_repo, run, set_params, tree_digest
+
+pytestmark = pytest.mark.slow
+
+STAGES = ("model", "calibrate", "prune", "convert", "evaluate", "report")
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo = make_repo(tmp_path_factory.mktemp("pipeline"))
+    output = dvc(repo, "repro")
+    assert decisions(output) == {stage: "ran" for stage in STAGES}, output
+    return repo
+
+
+def read_json(path):
+    return json.loads(path.read_text())
+
+
+def test_first_run_writes_metrics_report_and_loadable_model(repo):
+    ev = read_json(repo / "metrics" / "eval.json")
+    assert {"wikitext2_ppl", "c4_ppl", "sparsity"} <= set(ev)
+    assert ev["wikitext2_ppl"] > 1 and ev["c4_ppl"] > 1
+    assert ev["sparsity"] == pytest.approx(0.5, abs=1e-3)  # pruned linears only
+
+    meta = read_json(repo / "reports" / "run_meta.json")
+    assert len(meta["git"]["commit"]) == 40
+    assert meta["seeds"]["calibrate.seed"] == 0
+    assert meta["versions"]["torch"] and meta["device"]["evaluate"] == "cpu"
+    for artifact in ("artifacts/model", "artifacts/calibration", "artifacts/pruned", "data/wikitext2-raw-test.txt"):
+        assert len(meta["inputs"][artifact]["sha256"]) == 64
+    assert meta["inputs"]["artifacts/pruned"]["sha256"] == tree_digest(repo / "artifacts" / "pruned")
+    report = (repo / "reports" / "report.md").read_text()
+    assert "| WikiText-2 perplexity |" in report
+    assert (repo / "reports" / "plots" / "layer_error.png").stat().st_size > 1000
+
+    from transformers import AutoModelForCausalLM
+    exported = AutoModelForCausalLM.from_pretrained(repo / "reports" / "model")
+    pruned = load_file(repo / "artifacts" / "pruned" / "model.safetensors")
+    for name, tensor in exported.state_dict().items():
+        if name in pruned:
+            assert torch.equal(tensor, pruned[name]), name
+
+    # Nothing changed: DVC does no work.
+    assert decisions(dvc(repo, "repro")) == {stage: "skipped" for stage in STAGES}
+
+
+def test_evaluate_param_reruns_only_evaluate_and_report(repo):
+    set_params(repo, "evaluate.max_windows=1")
+    try:
+        got = decisions(dvc(repo, "repro"))
+        assert got == {"model": "skipped", "calibrate": "skipped", "prune": "skipped", "convert": "skipped",
+                       "evaluate": "ran", "report": "ran"}
+        assert read_json(repo / "metrics" / "eval.json")["wikitext2_windows"] == 1
+    finally:
+        set_params(repo, "evaluate.max_windows=2")
+        dvc(repo, "repro")
+
+
+def test_sparsity_change_reruns_prune_onward_and_revert_restores_from_cache(repo):
+    before = {p: tree_digest(repo / p) for p in ("artifacts/pruned", "metrics/eval.json", "reports/report.md")}
+    set_params(repo, "prune.sparsity=0.6")
+    try:
+        got = decisions(dvc(repo, "repro"))
+        assert got["model"] == got["calibrate"] == "skipped"
+        assert all(got[s] == "ran" for s in ("prune", "convert", "evaluate", "report")), got
+        assert read_json(repo / "metrics" / "eval.json")["sparsity"] == pytest.approx(0.6, abs=1e-3)
+    finally:
+        set_params(repo, "prune.sparsity=0.5")
+    output = dvc(repo, "repro")
+    assert "Running stage" not in output, output
+    got = decisions(output)
+    assert all(got[s] == "restored" for s in ("prune", "convert", "evaluate", "report")), got
+    assert {p: tree_digest(repo / p) for p in before} == before
+
+
+def test_two_four_pattern_is_packed_checked_and_evaluated_from_the_packed_model(repo):
+    set_params(repo, "prune.pattern=2:4")
+    try:
+        got = decisions(dvc(repo, "repro"))
+        assert got["calibrate"] == "skipped" and got["convert"] == "ran", got
+        convert = read_json(repo / "metrics" / "convert.json")
+        assert convert["packed"] and convert["packed_layers"] == 28
+        assert convert["packed_bytes"] < 0.6 * convert["dense_bytes"]
+        ev = read_json(repo / "metrics" / "eval.json")
+        assert ev["nm_valid"] is True and ev["evaluated_packed"] is True
+        assert ev["sparsity"] == pytest.approx(0.5)
+    finally:
+        set_params(repo, "prune.pattern=unstructured")
+    dvc(repo, "repro")
+    note = read_json(repo / "artifacts" / "converted" / "convert.json")
+    assert note["packed"] is False and "pass through" in note["reason"]
+
+
+def test_corrupted_or_missing_artifact_is_detected_and_rebuilt(repo):
+    ids = repo / "artifacts" / "calibration" / "input_ids.safetensors"
+    good = tree_digest(ids)
+    data = bytearray(ids.read_bytes())
+    data[-1] ^= 0xFF  # one flipped byte in the token ids
+    ids.write_bytes(bytes(data))
+    assert "calibrate" in dvc(repo, "status")
+    got = decisions(dvc(repo, "repro"))
+    assert got["calibrate"] in ("ran", "restored")
+    assert got["prune"] == "skipped"  # the rebuilt calibration is the same, so nothing downstream moves
+    assert tree_digest(ids) == good
+
+    pruned = repo / "artifacts" / "pruned"
+    good = tree_digest(pruned)
+    import shutil
+    shutil.rmtree(pruned)
+    got = decisions(dvc(repo, "repro"))
+    assert got["prune"] in ("ran", "restored")
+    assert tree_digest(pruned) == good
+
+
+@pytest.mark.parametrize("assignment, key", [
+    ("prune.method=obs", "prune.method"),
+    ("prune.sparsity=1.5", "prune.sparsity"),
+    ("prune.pattern=2-4", "prune.pattern"),
+    ("prune.pattern=4:2", "prune.pattern"),
+    ("prune.options.iters=0", "prune.options.iters"),
+    ("prune.block_overrides.7.sparsity=0.6", "prune.block_overrides.7"),
+    ("model.source=./no/such/model", "model.source"),
+    ("calibrate.seqlen=4096", "calibrate.seqlen"),
+    ("evaluate.seqlen=100000", "evaluate.seqlen"),
+    ("prune.sparsty=0.5", "prune.sparsty"),
+])
+def test_bad_params_fail_before_any_work_naming_the_key(repo, assignment, key, capsys):
+    from flows.cli import main
+
+    params, lock = (repo / "params.yaml").read_text(), (repo / "dvc.lock").read_text()
+    assert main(["-C", str(repo), "run", "--no-prefect", "--set", assignment]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {key}"), err
+    assert (repo / "params.yaml").read_text() == params  # the bad value was not written
+    assert (repo / "dvc.lock").read_text() == lock       # no stage ran
+
+
+def test_plain_dvc_repro_with_a_bad_param_fails_in_the_stage_naming_the_key(repo):
+    original = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(original.replace("method: admm-grad", "method: obs"))
+    try:
+        output = dvc(repo, "repro", check=False)
+        assert "prune.method: expected one of" in output
+        after_start = output.split("Running stage 'prune'")[1]
+        assert "Loading weights" not in after_start  # refused before loading the model
+    finally:
+        (repo / "params.yaml").write_text(original)
+    assert decisions(dvc(repo, "repro"))["prune"] in ("skipped", "restored")
+
+
+def test_second_pipeline_in_the_same_workspace_is_refused(repo):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom stages.workspace_lock import WorkspaceLock\n"
+                               "lock = WorkspaceLock(sys.argv[1]).acquire()\nprint('held', flush=True)\nsys.stdin.read()",
+         str(repo)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = run([sys.executable, "-m", "flows.cli", "run", "--no-prefect"], repo)
+        assert proc.returncode == 3, proc.stdout + proc.stderr
+        assert "another pipeline is running" in proc.stderr
+        # A plain `dvc repro` is refused too, by the first stage it would run.
+        output = dvc(repo, "repro", "--force", "--single-item", "report", check=False)
+        assert "another pipeline is running" in output
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    assert decisions(dvc(repo, "repro"))["report"] in ("skipped", "restored")
+
+
+def test_killed_prune_resumes_at_the_block_and_matches_an_uninterrupted_run(repo, tmp_path):
+    from stages.block_store import KILL_ENV
+
+    store = {"ADMM_PRUNE_WORK_CACHE": str(tmp_path / "store")}
+    prune = [sys.executable, "-m", "stages.prune"]
+    try:
+        killed = run(prune, repo, {**store, KILL_ENV: "2"})
+        assert killed.returncode == -9, killed.stderr  # SIGKILL while starting block 2
+        assert len(list((tmp_path / "store" / "blocks").glob("*.json"))) == 2
+
+        resumed = run(prune, repo, store)
+        assert resumed.returncode == 0, resumed.stderr
+        log = read_json(repo / "metrics" / "prune.json")
+        assert (log["reused_blocks"], log["computed_blocks"]) == ([0, 1], [2, 3])
+        resumed_weights = load_file(repo / "artifacts" / "pruned" / "model.safetensors")
+        resumed_artifact = tree_digest(repo / "artifacts" / "pruned")
+
+        fresh = run(prune, repo, {"ADMM_PRUNE_WORK_CACHE": str(tmp_path / "fresh")})
+        assert fresh.returncode == 0, fresh.stderr
+        assert read_json(repo / "metrics" / "prune.json")["computed_blocks"] == [0, 1, 2, 3]
+        uninterrupted = load_file(repo / "artifacts" / "pruned" / "model.safetensors")
+        assert resumed_weights.keys() == uninterrupted.keys()
+        for name in uninterrupted:
+            assert torch.equal(resumed_weights[name], uninterrupted[name]), name
+        assert tree_digest(repo / "artifacts" / "pruned") == resumed_artifact  # config, tokenizer, log too
+    finally:
+        dvc(repo, "checkout", "--force", "prune")  # the stage outputs back to what dvc.lock says
+
+
+def test_a_forced_prune_reuses_every_block_and_leaves_downstream_alone(repo):
+    got = decisions(dvc(repo, "repro", "--force", "--single-item", "prune"))
+    assert got == {"prune": "ran"}
+    assert read_json(repo / "metrics" / "prune.json")["reused_blocks"] == [0, 1, 2, 3]
+    got = decisions(dvc(repo, "repro"))  # the pruned model is byte-identical: nothing after prune reruns
+    assert got["convert"] == got["evaluate"] == "skipped", got
+
+
+def test_override_of_the_last_block_recomputes_only_that_block(repo):
+    set_params(repo, "prune.block_overrides.-1.sparsity=0.7")
+    try:
+        got = decisions(dvc(repo, "repro"))
+        assert got["model"] == got["calibrate"] == "skipped" and got["prune"] == "ran"
+        log = read_json(repo / "metrics" / "prune.json")
+        assert (log["reused_blocks"], log["computed_blocks"]) == ([0, 1, 2], [3])
+        layers = {row["layer"]: float(row["sparsity"]) for row in _csv(repo / "plots" / "eval_layers.csv")}
+        assert layers["model.layers.3.mlp.down_proj"] == pytest.approx(0.7, abs=1e-3)
+        assert layers["model.layers.2.mlp.down_proj"] == pytest.approx(0.5, abs=1e-3)
+    finally:
+        set_params(repo, "prune.block_overrides={}")
+        dvc(repo, "repro")
+
+
+def test_user_mask_gets_the_admm_update_and_its_content_is_tracked(repo, capsys):
+    from flows.cli import main
+
+    layer = "model.layers.1.self_attn.o_proj"
+    weight = load_file(repo / "artifacts" / "model" / "model.safetensors")[layer + ".weight"]
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.rand(weight.shape, generator=generator) > 0.3
+    mask_file = repo / "my_mask.safetensors"
+    save_file({layer: mask}, mask_file)
+    try:
+        assert main(["-C", str(repo), "run", "--no-prefect", "--no-save",
+                     "--set", f"prune.mask_file={mask_file.name}"]) == 0
+        log = read_json(repo / "artifacts" / "pruned" / "prune_log.json")
+        entry = next(e for e in log["layers"] if e["name"] == layer)
+        assert entry["method"].startswith("admm (user mask)")
+        pruned = load_file(repo / "artifacts" / "pruned" / "model.safetensors")[layer + ".weight"]
+        assert torch.equal(pruned != 0, mask & (weight != 0))
+
+        # The mask's content changes. Its hash is a param, so the CLI's plan sees it...
+        save_file({layer: ~mask}, mask_file)
+        capsys.readouterr()
+        assert main(["-C", str(repo), "plan"]) == 0
+        plan = capsys.readouterr().out
+        assert "prune      run" in plan and "param prune.mask_sha256" in plan
+        # ...and a prune run that has not been told refuses instead of using it silently.
+        output = dvc(repo, "repro", "--force", "--single-item", "prune", check=False)
+        assert "prune.mask_sha256" in output and "Loading weights" not in output
+    finally:
+        set_params(repo, "prune.mask_file=null", "prune.mask_sha256=null")
+        mask_file.unlink(missing_ok=True)
+        dvc(repo, "repro")
+
+
+def _csv(path):
+    import csv
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))

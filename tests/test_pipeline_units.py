@@ -1,0 +1,235 @@
+"""Fast tests of the pipeline's parts: the block store, parameter checks and edits,
+the workspace lock, DVC output parsing, and the stored calibration inputs."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+
+import pytest
+import torch
+
+from pipeline_support import ROOT, write_data
+
+
+# ---------------------------------------------------------------- block store
+
+def _settings(sparsities):
+    return [{"layers": {"mlp.down_proj": {"sparsity": s}}} for s in sparsities]
+
+
+def test_block_fingerprints_change_from_the_changed_block_onward_only():
+    from stages.block_store import block_fingerprints
+
+    base = {"model": "m", "calibration": "c"}
+    before = block_fingerprints(base, _settings([0.5, 0.5, 0.5, 0.5]))
+    after = block_fingerprints(base, _settings([0.5, 0.5, 0.7, 0.5]))
+    assert before[:2] == after[:2] and all(b != a for b, a in zip(before[2:], after[2:], strict=True))
+    assert block_fingerprints({**base, "model": "other"}, _settings([0.5] * 4))[0] != before[0]
+    assert len(set(before)) == 4  # identical settings in different blocks still get distinct keys
+
+
+def test_block_store_round_trip_and_damaged_entries_are_recomputed(tmp_path):
+    from stages.block_store import FingerprintBlockStore
+
+    messages = []
+    store = FingerprintBlockStore(tmp_path, ["a" * 64, "b" * 64], log=messages.append)
+    state = {"mlp.down_proj": torch.randn(4, 8)}
+    assert store.load(0) is None
+    store.save(0, state, [{"name": "x", "rel_error": 0.1}])
+    loaded, stats = store.load(0)
+    assert torch.equal(loaded["mlp.down_proj"], state["mlp.down_proj"]) and stats[0]["rel_error"] == 0.1
+
+    tensors = tmp_path / ("a" * 64 + ".safetensors")
+    data = bytearray(tensors.read_bytes())
+    data[-3] ^= 0x01  # a flipped bit inside the weights: still a valid safetensors file
+    tensors.write_bytes(bytes(data))
+    assert store.load(0) is None and "damaged" in messages[-1]
+    assert not tensors.exists()  # never used again
+
+    store.save(1, state, [])
+    (tmp_path / ("b" * 64 + ".json")).write_text("{not json")
+    assert store.load(1) is None
+
+
+# ---------------------------------------------------------------- params
+
+@pytest.fixture
+def workspace(tmp_path):
+    """A directory with params.yaml (tiny profile) and synthetic data, as cwd."""
+    from flows.params_edit import apply_overrides, parse_assignment
+    from pipeline_support import TINY
+
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    write_data(tmp_path / "data")
+    apply_overrides(tmp_path / "params.yaml", [parse_assignment(s) for s in TINY])
+    with contextlib.chdir(tmp_path):
+        yield tmp_path
+
+
+def _params(workspace):
+    from stages.params import load_params
+    return load_params(workspace / "params.yaml")
+
+
+@pytest.mark.parametrize("section, key, value, named", [
+    ("prune", "method", "obs", "prune.method"),
+    ("prune", "sparsity", 1.5, "prune.sparsity"),
+    ("prune", "sparsity", "half", "prune.sparsity"),
+    ("prune", "pattern", "2-4", "prune.pattern"),
+    ("prune", "pattern", 124, "prune.pattern"),  # what YAML 1.1 makes of an unquoted 2:4
+    ("prune", "options", {"iters": 0}, "prune.options.iters"),
+    ("prune", "options", {"schedule": "linear"}, "prune.options.schedule"),
+    ("prune", "block_overrides", {9: {"sparsity": 0.6}}, "prune.block_overrides.9"),
+    ("prune", "block_overrides", {0: {"sparsity": 2}}, "prune.block_overrides.0.sparsity"),
+    ("prune", "layer_overrides", {"mlp.down_proj": {"spars": 0.6}}, "prune.layer_overrides.mlp.down_proj.spars"),
+    ("prune", "mask_file", "missing.safetensors", "prune.mask_file"),
+    ("model", "source", "./no/such/dir", "model.source"),
+    ("model", "dtype", "float8", "model.dtype"),
+    ("calibrate", "seqlen", 100000, "calibrate.seqlen"),
+    ("calibrate", "nsamples", 0, "calibrate.nsamples"),
+    ("evaluate", "seqlen", 4096, "evaluate.seqlen"),
+    ("evaluate", "max_windows", -1, "evaluate.max_windows"),
+    ("evaluate", "typo", 1, "evaluate.typo"),
+])
+def test_bad_params_are_refused_naming_the_key(workspace, section, key, value, named):
+    from stages.params import ParamError, check_all
+
+    params = copy.deepcopy(_params(workspace))
+    params[section][key] = value
+    with pytest.raises(ParamError) as err:
+        check_all(params)
+    assert str(err.value).startswith(named + ":") and err.value.key == named
+
+
+def test_default_and_tiny_params_are_valid(workspace):
+    from stages.params import check_all, load_params
+    check_all(_params(workspace))
+    default = load_params(ROOT / "params.yaml")
+    assert default["model"]["source"] == "smollm2-135m"
+    check_all(default | {"calibrate": _params(workspace)["calibrate"], "evaluate": _params(workspace)["evaluate"]})
+
+
+def test_missing_data_file_names_the_key_and_the_fix(workspace):
+    from stages.params import ParamError, check_all
+    (workspace / "data" / "wikitext2-raw-test.txt").unlink()
+    with pytest.raises(ParamError, match=r"^evaluate\.wikitext2\.path: .*dvc pull"):
+        check_all(_params(workspace))
+
+
+def test_text_loads_from_a_local_file_or_by_dataset_name(tmp_path):
+    """A dataset *name* goes through load_dataset(name, config, data_files, split), the
+    hub route; a local directory stands in for a hub dataset here."""
+    from stages.params import ParamError
+    from stages.textdata import load_texts
+
+    hub_like = tmp_path / "my-org-c4"
+    (hub_like / "en").mkdir(parents=True)
+    (hub_like / "en" / "part-0.jsonl").write_text('{"text": "first"}\n{"text": "second"}\n')
+    spec = {"path": str(hub_like), "name": None, "data_files": "en/part-0.jsonl", "split": "train",
+            "text_field": "text"}
+    assert load_texts("calibrate.data", spec) == ["first", "second"]
+
+    local = tmp_path / "lines.txt"
+    local.write_text("a line\nanother\n")
+    assert load_texts("evaluate.wikitext2", {**spec, "path": str(local)}) == ["a line", "another"]
+    with pytest.raises(ParamError, match=r"^calibrate\.data\.text_field"):
+        load_texts("calibrate.data", {**spec, "text_field": "content"})
+
+
+# ---------------------------------------------------------------- --set / --profile
+
+def test_set_keeps_comments_quotes_nm_patterns_and_refuses_unknown_keys(workspace):
+    from flows.params_edit import apply_overrides, parse_assignment
+    from stages.params import ParamError
+
+    path = workspace / "params.yaml"
+    params, changes = apply_overrides(path, [parse_assignment("prune.pattern=2:4"),
+                                             parse_assignment("prune.sparsity=null"),
+                                             parse_assignment("prune.block_overrides.-1.sparsity=0.7"),
+                                             parse_assignment("prune.layer_overrides.mlp.down_proj.method=wanda")])
+    text = path.read_text()
+    assert 'pattern: "2:4"' in text and "# magnitude | wanda" in text  # quoted, comments kept
+    assert params["prune"]["pattern"] == "2:4" and params["prune"]["sparsity"] is None
+    assert params["prune"]["block_overrides"] == {-1: {"sparsity": 0.7}}
+    assert params["prune"]["layer_overrides"] == {"mlp.down_proj": {"method": "wanda"}}
+    assert "prune.pattern: 'unstructured' -> '2:4'" in changes
+    import yaml  # a YAML 1.1 reader must not see the integer 124
+    assert yaml.safe_load(text)["prune"]["pattern"] == "2:4"
+
+    for bad in ("prune.sparsty=0.5", "evaluate.c4.pth=x", "novel.key=1"):
+        with pytest.raises(ParamError):
+            apply_overrides(path, [parse_assignment(bad)])
+    with pytest.raises(ParamError, match="key=value"):
+        parse_assignment("prune.sparsity")
+
+
+def test_profiles_apply_their_leaves(workspace):
+    from flows.params_edit import apply_overrides, profile_overrides
+    from stages.params import ParamError
+
+    paper = profile_overrides("paper", ROOT)
+    params, _ = apply_overrides(workspace / "params.yaml", paper, write=False)
+    assert params["calibrate"]["nsamples"] == 128 and params["calibrate"]["seqlen"] == 2048
+    assert params["evaluate"]["max_windows"] is None
+    with pytest.raises(ParamError, match="--profile"):
+        profile_overrides("nonexistent", ROOT)
+
+
+# ---------------------------------------------------------------- lock, DVC output, plan
+
+def test_workspace_lock_refuses_a_second_holder_and_lets_its_own_stages_in(tmp_path, monkeypatch):
+    from stages import workspace_lock
+    from stages.workspace_lock import TOKEN_ENV, PipelineBusy, WorkspaceLock
+
+    monkeypatch.chdir(tmp_path)
+    with WorkspaceLock(tmp_path) as lock:
+        with pytest.raises(PipelineBusy, match="another pipeline is running"):
+            WorkspaceLock(tmp_path).acquire()
+        with pytest.raises(PipelineBusy):
+            workspace_lock.guard_stage("prune")  # a stage started by someone else
+        monkeypatch.setenv(TOKEN_ENV, lock.token)
+        workspace_lock.guard_stage("prune")      # a stage started by this pipeline
+    WorkspaceLock(tmp_path).acquire().release()  # free again once released
+
+
+def test_dvc_decisions_are_parsed_from_its_own_lines():
+    from flows.dvc_runner import parse_outcomes
+    text = ("Stage 'model' didn't change, skipping\n"
+            "Stage 'prune' is cached - skipping run, checking out outputs\n"
+            "Running stage 'evaluate':\n> python -m stages.evaluate\n")
+    assert parse_outcomes(text) == {"model": "skipped", "prune": "restored", "evaluate": "ran"}
+
+
+def test_plan_diff_names_changed_leaves():
+    from flows.plan import _diff
+    old = {"method": "admm-grad", "sparsity": 0.5, "options": {}}
+    new = {"method": "admm-grad", "sparsity": 0.6, "options": {"iters": 5}}
+    assert _diff("prune", old, new) == [("prune.options.iters", "<missing>", 5), ("prune.sparsity", 0.5, 0.6)]
+
+
+def test_cli_refuses_a_directory_without_dvc_yaml(tmp_path, capsys):
+    from flows.cli import main
+    assert main(["-C", str(tmp_path), "plan"]) == 2
+    assert "no dvc.yaml" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- calibration artifact
+
+def test_block_inputs_round_trip_through_safetensors_and_json(tmp_path):
+    from pruning.models import load_model
+    from pruning.runner import capture_block_inputs, run_block
+    from stages.block_inputs import load_block_inputs, save_block_inputs
+
+    model, _ = load_model("tiny-random-llama")
+    ids = torch.randint(0, 250, (3, 16), generator=torch.Generator().manual_seed(0))
+    inputs = capture_block_inputs(model, ids)
+    structure = save_block_inputs(tmp_path / "inputs.safetensors", inputs)
+    json.dumps(structure)  # the structure is plain JSON
+    loaded = load_block_inputs(tmp_path / "inputs.safetensors", structure, "cpu")
+    assert torch.equal(loaded.hidden, inputs.hidden)
+    block = model.model.layers[1]
+    with torch.no_grad():
+        expected = run_block(block, inputs.hidden[:1], inputs.calls[1])
+        got = run_block(block, loaded.hidden[:1], loaded.calls[1])
+    assert torch.equal(expected, got)
