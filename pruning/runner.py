@@ -205,7 +205,8 @@ class PruneSpec:
 
     def settings_for(self, block_index: int, layer_name: str) -> LayerSettings:
         """Default, then the block's override, then matching layer overrides. A level
-        that sets an N:M pattern without a sparsity takes the pattern's own (1 - N/M)."""
+        that sets an N:M pattern without a sparsity takes the pattern's own (1 - N/M);
+        a level that changes the method drops the options inherited for the old one."""
         levels = [{"method": self.method, "sparsity": self.sparsity, "pattern": self.pattern,
                    "options": self.options}, self.block_overrides.get(block_index, {})]
         levels += [o for suffix, o in self.layer_overrides.items()
@@ -218,6 +219,8 @@ class PruneSpec:
                                  f"(use method, sparsity, pattern or options)")
             if "pattern" in level and "sparsity" not in level and parse_pattern(level["pattern"]):
                 merged["sparsity"] = None
+            if "method" in level and level["method"] != merged.get("method"):
+                merged["options"] = {}  # options belong to a method: a new method starts clean
             merged.update({k: v for k, v in level.items() if k != "options"})
             merged["options"].update(level.get("options", {}))
         return LayerSettings(merged["method"], merged["sparsity"], merged["pattern"], merged["options"])

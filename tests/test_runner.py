@@ -123,6 +123,16 @@ def test_overrides_and_user_masks():
     assert by_name["model.layers.2.self_attn.q_proj"]["sparsity"] == pytest.approx(0.5, abs=0.01)
 
 
+def test_override_to_another_method_drops_inherited_options():
+    spec = PruneSpec("admm-grad", 0.5, options={"iters": 30, "mask_steps": 10},
+                     layer_overrides={"mlp.down_proj": {"method": "wanda"}},
+                     block_overrides={1: {"options": {"rho": 2.0}}})
+    assert spec.settings_for(0, "mlp.down_proj").options == {}
+    assert spec.settings_for(1, "self_attn.q_proj").options == {"iters": 30, "mask_steps": 10, "rho": 2.0}
+    model, _ = build_tiny_model("llama")
+    spec.validate(model)
+
+
 def test_bad_spec_fails_before_work():
     model, _ = build_tiny_model("llama")
     with pytest.raises(ValueError, match="sparsity"):
