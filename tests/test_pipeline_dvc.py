@@ -102,6 +102,15 @@ def test_two_four_pattern_is_packed_checked_and_evaluated_from_the_packed_model(
         ev = read_json(repo / "metrics" / "eval.json")
         assert ev["nm_valid"] is True and ev["evaluated_packed"] is True
         assert ev["sparsity"] == pytest.approx(0.5)
+        # What evaluate read back (the packed model) scores exactly like the unpacked one.
+        from transformers import AutoModelForCausalLM
+
+        from pruning import perplexity
+        from pruning.packing import load_packed_model
+        packed = load_packed_model(repo / "artifacts" / "converted")
+        unpacked = AutoModelForCausalLM.from_pretrained(repo / "artifacts" / "pruned")
+        windows = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+        assert perplexity(packed, windows, progress=False) == perplexity(unpacked, windows, progress=False)
     finally:
         set_params(repo, "prune.pattern=unstructured")
     dvc(repo, "repro")
