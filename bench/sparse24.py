@@ -43,7 +43,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from pruning.masks import nm_mask  # noqa: E402
-from pruning.packing import eligible_linear_names, flatten_packed, pack_nm, packed_size_report  # noqa: E402
+from pruning.packing import flatten_packed, pack_nm, packed_size_report  # noqa: E402
+from pruning.runner import prunable_linear_names  # noqa: E402
 from pruning.sparse_exec import convert_linear, to_semi_structured  # noqa: E402
 
 DEFAULT_OUT = REPO / "bench" / "results" / "sparse24.json"
@@ -229,7 +230,7 @@ def e2e_cases(plan, pending, device, dtype, timer) -> list[dict]:
     torch.manual_seed(0)
     with torch.device(device):  # random weights straight on the GPU: no 13 GB host copy
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    linear_names = eligible_linear_names(model)
+    linear_names = prunable_linear_names(model)
     for name in linear_names:
         make_24_(model.get_submodule(name).weight)
 

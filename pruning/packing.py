@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from .masks import parse_pattern
+from .runner import prunable_linear_names
 
 log = logging.getLogger(__name__)
 
@@ -223,46 +224,8 @@ def _split_packed_names(names) -> tuple[dict[str, dict[str, str]], list[str]]:
 
 # ------------------------------------------------------- which layers are packed
 
-def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ModuleList holding the decoder blocks, and its qualified name.
-
-    Found generically (model.model.layers for Llama/Qwen/Mistral/Gemma,
-    model.decoder.layers for OPT, transformer.h for GPT-2): among the ModuleLists
-    whose length equals config.num_hidden_layers (when known) and whose entries
-    share one class, take the one holding the most parameters.
-    """
-    expected = None
-    config = getattr(model, "config", None)
-    if config is not None:
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        expected = getattr(text_config, "num_hidden_layers", None)
-    best: tuple[int, str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        if expected is not None and len(module) != expected:
-            continue
-        if len({type(block) for block in module}) != 1:
-            continue
-        size = sum(p.numel() for p in module.parameters())
-        if best is None or size > best[0]:
-            best = (size, name, module)
-    if best is None:
-        raise ValueError(f"could not find the decoder layers of {type(model).__name__} "
-                         f"(no ModuleList of {expected} identical blocks); pass layer_names")
-    return best[1], best[2]
-
-
-def eligible_linear_names(model: nn.Module) -> list[str]:
-    """Qualified names of every nn.Linear inside the decoder blocks (not embeddings/lm_head)."""
-    prefix, _ = find_decoder_layers(model)
-    start = prefix + "."
-    return [name for name, module in model.named_modules()
-            if name.startswith(start) and isinstance(module, nn.Linear)]
-
-
 def _resolve_linears(model: nn.Module, layer_names: list[str] | None) -> list[str]:
-    names = eligible_linear_names(model) if layer_names is None else [
+    names = prunable_linear_names(model) if layer_names is None else [
         name[: -len(".weight")] if name.endswith(".weight") else name for name in layer_names]
     for name in names:
         module = model.get_submodule(name)

@@ -41,7 +41,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"model: cannot find its decoder blocks (looked for {', '.join(_LAYER_PATHS)})")
 
 
-def _layers_prefix(model: nn.Module) -> str:
+def layers_prefix(model: nn.Module) -> str:
     layers = decoder_layers(model)
     return next(name for name, module in model.named_modules() if module is layers)
 
@@ -52,7 +52,7 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
 
 def prunable_linear_names(model: nn.Module) -> list[str]:
     """Full module names of the linears inside decoder blocks (never embeddings or lm_head)."""
-    prefix = _layers_prefix(model)
+    prefix = layers_prefix(model)
     return [f"{prefix}.{i}.{name}" for i, block in enumerate(decoder_layers(model))
             for name in block_linears(block)]
 
@@ -109,7 +109,7 @@ def _place(model: nn.Module, device, offload: bool) -> None:
         model.to(device)
         return
     layers = decoder_layers(model)
-    parent_name, _, attr = _layers_prefix(model).rpartition(".")
+    parent_name, _, attr = layers_prefix(model).rpartition(".")
     parent = model.get_submodule(parent_name)
     setattr(parent, attr, nn.ModuleList())   # hide the blocks while the rest moves
     try:
@@ -244,7 +244,7 @@ class PruneSpec:
 
     def validate(self, model: nn.Module) -> None:
         """Check every layer's settings (and user masks) before any heavy work."""
-        prefix = _layers_prefix(model) + "."
+        prefix = layers_prefix(model) + "."
         for i, block in enumerate(decoder_layers(model)):
             for name, linear in block_linears(block).items():
                 s = self.settings_for(i, name)
@@ -351,7 +351,7 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
     if inputs is None:
         inputs = capture_block_inputs(model, calib_ids, device=device, progress=progress, offload=offload)
     hidden = inputs.hidden
-    prefix = _layers_prefix(model) + "."
+    prefix = layers_prefix(model) + "."
     stats, reused, computed = [], [], []
     layers = decoder_layers(model)
     with exact_fp32_matmul():

@@ -22,7 +22,8 @@ import logging
 import torch
 from torch import nn
 
-from .packing import eligible_linear_names, find_nm_violation
+from .packing import find_nm_violation
+from .runner import prunable_linear_names
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def to_semi_structured(model: nn.Module, *, layer_names: list[str] | None = None
     layer_names: module names to convert; default: every nn.Linear in the decoder
     blocks (embeddings and lm_head stay dense). Fallbacks are logged as warnings.
     """
-    names = eligible_linear_names(model) if layer_names is None else list(layer_names)
+    names = prunable_linear_names(model) if layer_names is None else list(layer_names)
     report: dict = {"converted": [], "fell_back": {}, "backend": None}
     if not torch.cuda.is_available():
         report["fell_back"] = {name: "no CUDA" for name in names}

@@ -39,12 +39,6 @@ def load_user_masks(path: str, layer_names: list[str]) -> dict[str, torch.Tensor
     return masks
 
 
-def layers_prefix(model) -> str:
-    from pruning.runner import decoder_layers
-    layers = decoder_layers(model)
-    return next(name for name, module in model.named_modules() if module is layers) + "."
-
-
 def build_spec(p: dict, n_blocks: int, masks):
     from pruning.runner import PruneSpec
     return PruneSpec(method=p["method"], sparsity=p["sparsity"], pattern=p["pattern"],
@@ -61,7 +55,8 @@ def run() -> None:
     device = resolve_device(params["model"]["device"])
 
     from pruning.models import export_model
-    from pruning.runner import block_linears, decoder_layers, prunable_linear_names, prune_model
+    from pruning.runner import (block_linears, decoder_layers, layers_prefix, prunable_linear_names,
+                                prune_model)
 
     calibration = read_json(CALIBRATION_DIR / CALIB_META)
     offload = params["model"].get("offload", False)  # memory only: not part of the block fingerprint
@@ -75,7 +70,7 @@ def run() -> None:
         raise ParamError("prune", str(err)) from None
 
     # Everything a block's result depends on; see block_store.py for the chaining.
-    prefix = layers_prefix(model)
+    prefix = layers_prefix(model) + "."
     base = {"model": hash_tree(MODEL_DIR), "calibration": hash_tree(CALIBRATION_DIR),
             "code": library_fingerprint(), "torch": torch.__version__, "device": torch.device(device).type}
     settings = [spec.block_settings(i, list(block_linears(block)), prefix)

@@ -13,11 +13,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from pruning.masks import nm_mask
+from pruning.runner import layers_prefix, prunable_linear_names
 from pruning.packing import (
     CONFIG_KEY,
     WEIGHTS_FILE,
-    eligible_linear_names,
-    find_decoder_layers,
     find_nm_violation,
     flatten_packed,
     load_packed_model,
@@ -138,7 +137,7 @@ def tiny_llama(*, tie=False, dtype=torch.float32, make_24=True):
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     if make_24:
         with torch.no_grad():
-            for name in eligible_linear_names(model):
+            for name in prunable_linear_names(model):
                 weight = model.get_submodule(name).weight
                 weight.mul_(nm_mask(weight.abs().float(), 2, 4))
     return model
@@ -157,8 +156,8 @@ EXPECTED_LINEARS = [f"model.layers.{i}.{sub}" for i in range(2) for sub in (
 
 def test_eligible_layers_are_decoder_linears_only():
     model = tiny_llama(make_24=False)
-    assert find_decoder_layers(model)[0] == "model.layers"
-    assert eligible_linear_names(model) == EXPECTED_LINEARS  # no lm_head, no embeddings
+    assert layers_prefix(model) == "model.layers"
+    assert prunable_linear_names(model) == EXPECTED_LINEARS  # no lm_head, no embeddings
 
 
 def test_decoder_layers_found_for_opt():
@@ -166,8 +165,8 @@ def test_decoder_layers_found_for_opt():
     config = OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
                        vocab_size=100, word_embed_proj_dim=32, max_position_embeddings=64)
     model = AutoModelForCausalLM.from_config(config)
-    assert find_decoder_layers(model)[0] == "model.decoder.layers"
-    names = eligible_linear_names(model)
+    assert layers_prefix(model) == "model.decoder.layers"
+    names = prunable_linear_names(model)
     assert len(names) == 12 and all(n.startswith("model.decoder.layers.") for n in names)
 
 
@@ -269,7 +268,7 @@ def tiny_llama_gpu(dtype):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).to("cuda", dtype).eval()
     with torch.no_grad():
-        for name in eligible_linear_names(model):
+        for name in prunable_linear_names(model):
             weight = model.get_submodule(name).weight
             weight.mul_(nm_mask(weight.abs().float(), 2, 4))
     return model
@@ -352,7 +351,7 @@ def test_roundtrip_across_architectures_with_tokenizer(tmp_path, arch):
     from pruning.models import build_tiny_model
     model, tokenizer = build_tiny_model(arch, dtype=torch.float16)
     with torch.no_grad():
-        for name in eligible_linear_names(model):
+        for name in prunable_linear_names(model):
             weight = model.get_submodule(name).weight
             weight.mul_(nm_mask(weight.abs().float(), 2, 4))
     ids = torch.randint(0, 200, (1, 10), generator=torch.Generator().manual_seed(0))
