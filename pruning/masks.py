@@ -90,9 +90,26 @@ def select_mask(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | Non
     return nm_mask(scores, *nm)
 
 
+def find_nm_violation(weight: torch.Tensor, n: int, m: int) -> str | None:
+    """None when every group of m consecutive inputs of every row has <= n nonzeros.
+
+    Otherwise a message naming the first offending row and group (row-major order).
+    "Nonzero" is numeric (x != 0), so -0.0 counts as pruned and NaN/inf as kept.
+    """
+    if weight.dim() != 2:
+        return f"expected a 2-D weight, got shape {tuple(weight.shape)}"
+    d_out, d_in = weight.shape
+    if d_in % m:
+        return f"input size {d_in} is not a multiple of M={m}"
+    counts = (weight.detach().reshape(d_out, d_in // m, m) != 0).sum(-1)
+    bad = (counts > n).nonzero()
+    if bad.numel() == 0:
+        return None
+    row, group = (int(v) for v in bad[0])
+    return (f"row {row}, group {group} (columns {group * m}..{group * m + m - 1}) has "
+            f"{int(counts[row, group])} nonzeros, more than N={n}")
+
+
 def is_nm_valid(mask: torch.Tensor, n: int, m: int) -> bool:
     """True when every group of m consecutive inputs keeps at most n weights."""
-    d_out, d_in = mask.shape
-    if d_in % m:
-        return False
-    return bool((mask.reshape(d_out, d_in // m, m).sum(-1) <= n).all())
+    return find_nm_violation(mask, n, m) is None

