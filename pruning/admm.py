@@ -15,6 +15,7 @@ sparsity on a schedule, so that weights get a chance to recover before they go.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ import torch
 from .masks import gradual_nm_mask, unstructured_mask
 
 EPS = 1e-8
+MATMUL_PRECISIONS = ("fp32", "tf32")
 
 
 @dataclass
@@ -53,6 +55,24 @@ class AdmmSystem:
         return self.inverse @ rhs
 
 
+@dataclass
+class MaskRule:
+    """How one layer of a solve gets its mask: `fixed` (bool, (d_out, d_in)) for the
+    whole run, or chosen from |V + U| during the first `mask_steps` iterations at a
+    sparsity that follows `schedule` up to `sparsity` (or up to 1 - N/M with `nm`)."""
+
+    fixed: torch.Tensor | None = None
+    sparsity: float = 0.0
+    nm: tuple[int, int] | None = None
+    mask_steps: int = 15
+    schedule: str = "cubic"
+    group: str = "layer"
+
+    def target(self, step: int) -> float:
+        final = self.sparsity if self.nm is None else 1.0 - self.nm[0] / self.nm[1]
+        return sparsity_schedule(step, self.mask_steps, final, self.schedule)
+
+
 def sparsity_schedule(step: int, mask_steps: int, sparsity: float, schedule: str) -> float:
     """Target sparsity at mask-update step `step` (0-based) out of `mask_steps`."""
     if schedule == "constant":
@@ -62,35 +82,84 @@ def sparsity_schedule(step: int, mask_steps: int, sparsity: float, schedule: str
     raise ValueError(f"schedule: expected 'cubic' or 'constant', got {schedule!r}")
 
 
+@contextmanager
+def matmul_precision(precision: str, device: torch.device):
+    """TF32 for the solve's GEMMs on CUDA when asked, plain fp32 otherwise; restored after.
+    (CPU GEMMs are fp32 either way.)"""
+    if precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"matmul: expected one of {', '.join(MATMUL_PRECISIONS)}, got {precision!r}")
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _choose_mask(score_t: torch.Tensor, rule: MaskRule, step: int, path: str) -> torch.Tensor:
+    """The rule's mask at `step`, from scores in the solver's (d_in, d_out) layout."""
+    target = rule.target(step)
+    if rule.nm is not None:
+        return gradual_nm_mask(score_t.t(), rule.nm[0], rule.nm[1], target, path).t()
+    if rule.group == "layer":  # the layer-wide count does not care about the layout
+        return unstructured_mask(score_t, target, "layer", path)
+    return unstructured_mask(score_t.t(), target, rule.group, path).t()
+
+
+def admm_solve_group(weights: list[torch.Tensor], system: AdmmSystem, rules: list[MaskRule], *,
+                     iters: int = 20, select_path: str = "auto", matmul: str = "fp32",
+                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """ADMM on several layers that read the same input (q/k/v, gate/up): their
+    normalised weights sit side by side as the columns of one (d_in, Σ d_out)
+    problem, so every iteration is one GEMM with the shared inverse. Each layer keeps
+    its own mask rule, and a layer-wide mask is chosen within that layer only.
+
+    Returns [(new weight in the system's dtype, bool mask)] in the order given.
+    """
+    scale, rho = system.scale, system.rho
+    dtype = system.inverse.dtype
+    # Everything in the loop is contiguous (d_in, Σ d_out) and the mask is a float
+    # multiplier: mixed layouts and bool casts made the elementwise work ~2x slower.
+    w_hat = torch.cat([w.to(dtype).t() for w in weights], dim=1) * scale[:, None]
+    bounds, start = [], 0
+    for w in weights:
+        bounds.append((start, start + w.shape[0]))
+        start += w.shape[0]
+    mask_t = torch.ones_like(w_hat)
+    for (lo, hi), rule in zip(bounds, rules):
+        if rule.fixed is not None:
+            mask_t[:, lo:hi] = rule.fixed.t().to(mask_t)
+    with matmul_precision(matmul, w_hat.device):
+        # V = A⁻¹ (B + ρ(Z − U)) with B = (Ĝ + λI) Ŵ  is  C + ρ A⁻¹ (Z − U),  C = A⁻¹ B.
+        c = system.solve(system.gram_hat @ w_hat)
+        v, u = w_hat, torch.zeros_like(w_hat)
+        for step in range(iters):
+            w = v + u
+            for (lo, hi), rule in zip(bounds, rules):
+                if rule.fixed is None and step < rule.mask_steps:
+                    mask_t[:, lo:hi] = _choose_mask(w[:, lo:hi].abs(), rule, step, select_path)
+            z = w * mask_t
+            u = w - z                      # = U + V − Z
+            v = torch.addmm(c, system.inverse, z - u, alpha=rho)
+    final = ((v + u) * mask_t).t() / scale[None, :]
+    kept = mask_t.t() > 0
+    return [(final[lo:hi].contiguous(), kept[lo:hi].contiguous()) for lo, hi in bounds]
+
+
 def admm_solve(weight: torch.Tensor, system: AdmmSystem, *, mask: torch.Tensor | None = None,
                sparsity: float = 0.0, nm: tuple[int, int] | None = None, iters: int = 20,
                mask_steps: int = 15, schedule: str = "cubic", group: str = "layer",
+               select_path: str = "auto", matmul: str = "fp32",
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ADMM on one layer. With `mask` given it stays fixed; otherwise the mask is
     chosen gradually from |V + U| over the first `mask_steps` iterations (ADMM-Grad).
 
     Returns (new weight in the system's dtype, bool mask), both (d_out, d_in).
     """
-    scale, rho = system.scale, system.rho
-    dtype = system.inverse.dtype
-    # Everything in the loop is contiguous (d_in, d_out) and the mask is a float
-    # multiplier: mixed layouts and bool casts made the elementwise work ~2x slower.
-    w_hat = (weight.to(dtype).t() * scale[:, None]).contiguous()          # (d_in, d_out)
-    b = system.gram_hat @ w_hat
-    v, u = w_hat.clone(), torch.zeros_like(w_hat)
-    mask_t = None if mask is None else mask.t().to(w_hat.device, dtype).contiguous()
-    for step in range(iters):
-        if mask is None and step < mask_steps:
-            score = (v + u).abs().t()
-            if nm is None:
-                target = sparsity_schedule(step, mask_steps, sparsity, schedule)
-                chosen = unstructured_mask(score, target, group)
-            else:
-                target = sparsity_schedule(step, mask_steps, 1.0 - nm[0] / nm[1], schedule)
-                chosen = gradual_nm_mask(score, nm[0], nm[1], target)
-            mask_t = chosen.t().to(dtype).contiguous()
-        z = (v + u) * mask_t
-        u = u + v - z
-        v = system.solve(b + rho * (z - u))
-    final = ((v + u) * mask_t).t() / scale[None, :]
-    return final, mask_t.t() > 0
+    rule = MaskRule(fixed=mask, sparsity=sparsity, nm=nm, mask_steps=mask_steps,
+                    schedule=schedule, group=group)
+    return admm_solve_group([weight], system, [rule], iters=iters, select_path=select_path,
+                            matmul=matmul)[0]

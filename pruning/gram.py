@@ -1,9 +1,14 @@
-"""Gram accumulation: G = XᵀX of every linear layer's inputs, via forward pre-hooks.
+"""Gram accumulation: G = XᵀX of every linear layer's inputs, as a tap on a block walk.
 
 Layers that read the same tensor in one forward (q/k/v; gate/up) are grouped and
 share one Gram, so they can also share its normalisation and factorisation. The
 grouping is found by identity of the input tensor, which works for any
 architecture without a table of layer names.
+
+Precision: Grams are summed in fp32. fp16/bf16 inputs are multiplied as they are
+(their products are exact in fp32) and summed in fp32 by one GEMM with an fp32
+output where torch offers it (CUDA); elsewhere they are widened to fp32 first.
+fp32 inputs use a plain fp32 GEMM, with TF32 off (exact_fp32_matmul).
 """
 from __future__ import annotations
 
@@ -12,21 +17,33 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .walk import LinearTap
 
-class GramCollector:
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def add_gram(gram: torch.Tensor, x: torch.Tensor) -> None:
+    """gram += xᵀx for x of shape (tokens, d), summed in fp32 (gram is fp32)."""
+    if x.dtype in _HALF and x.is_cuda:
+        gram.add_(torch.mm(x.T, x, out_dtype=torch.float32))
+    else:
+        x = x.float()
+        gram.addmm_(x.T, x)
+
+
+class GramCollector(LinearTap):
     def __init__(self, linears: dict[str, nn.Linear], active: set[str] | None = None):
-        self.linears = linears
+        super().__init__(linears)
         self.active = active            # leaders to accumulate for; None = all
         self.leader: dict[str, str] = {}  # layer name -> name of the first layer with its input
         self.grams: dict[str, torch.Tensor] = {}
         self.order: list[str] = []      # layer names in the order the forward reaches them
         self._inputs_this_forward: list[tuple[torch.Tensor, str]] = []
 
-    def new_forward(self) -> None:
+    def new_batch(self) -> None:
         self._inputs_this_forward = []
 
-    def _hook(self, name: str, module: nn.Module, args) -> None:
-        x = args[0]
+    def observe(self, name: str, x: torch.Tensor) -> None:
         leader = next((lead for seen, lead in self._inputs_this_forward if seen is x), None)
         if leader is None:
             self._inputs_this_forward.append((x, name))
@@ -36,20 +53,10 @@ class GramCollector:
             self.order.append(name)
         if leader != name or (self.active is not None and leader not in self.active):
             return
-        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        flat = x.detach().reshape(-1, x.shape[-1])
         if leader not in self.grams:
             self.grams[leader] = torch.zeros(flat.shape[1], flat.shape[1], device=flat.device)
-        self.grams[leader].addmm_(flat.T, flat)
-
-    @contextmanager
-    def attached(self):
-        handles = [m.register_forward_pre_hook(lambda mod, args, n=name: self._hook(n, mod, args))
-                   for name, m in self.linears.items()]
-        try:
-            yield self
-        finally:
-            for h in handles:
-                h.remove()
+        add_gram(self.grams[leader], flat)
 
     def groups(self) -> list[list[str]]:
         """Layer names grouped by shared input, in forward order."""

@@ -4,11 +4,18 @@ from __future__ import annotations
 import torch
 
 from . import baselines
-from .admm import AdmmSystem, admm_solve
+from dataclasses import dataclass, field
+
+from .admm import MATMUL_PRECISIONS, AdmmSystem, MaskRule, admm_solve_group
 from .masks import parse_pattern, select_mask
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "admm", "admm-grad")
-ADMM_DEFAULTS = dict(iters=20, mask_steps=15, rho=1.0, damping=0.1, schedule="cubic", group="layer")
+ADMM_METHODS = ("admm", "admm-grad")
+ADMM_DEFAULTS = dict(iters=20, mask_steps=15, rho=1.0, damping=0.1, schedule="cubic", group="layer",
+                     matmul="fp32")
+# Options that shape the shared solve (one factorisation, one GEMM per iteration):
+# layers that share a Gram are solved together only when these agree.
+_SOLVER_KEYS = ("iters", "rho", "damping", "solve_dtype", "matmul")
 SPARSEGPT_DEFAULTS = dict(damping=0.01, blocksize=128)
 _GROUP_DEFAULT = {"magnitude": "layer", "wanda": "row"}
 _OPTIONS = {
@@ -49,6 +56,8 @@ def validate_settings(method: str, sparsity: float | None, pattern: str = "unstr
         raise ValueError(f"group: expected 'layer' or 'row', got {opts['group']!r}")
     if opts.get("schedule", "cubic") not in ("cubic", "constant"):
         raise ValueError(f"schedule: expected 'cubic' or 'constant', got {opts['schedule']!r}")
+    if opts.get("matmul", "fp32") not in MATMUL_PRECISIONS:
+        raise ValueError(f"matmul: expected one of {', '.join(MATMUL_PRECISIONS)}, got {opts['matmul']!r}")
     if opts.get("solve_dtype", "float32") not in _SOLVE_DTYPES:
         raise ValueError(f"solve_dtype: expected one of {list(_SOLVE_DTYPES)}, got {opts['solve_dtype']!r}")
     iters = opts.get("iters", ADMM_DEFAULTS["iters"])
@@ -90,6 +99,95 @@ def _admm_opts(opts: dict) -> dict:
     return {**ADMM_DEFAULTS, "solve_dtype": "float32", **opts}
 
 
+@dataclass
+class LayerJob:
+    """One layer to prune: its weight, its settings, and optionally a user mask
+    (True = kept), which replaces mask selection by an ADMM update on that mask."""
+    weight: torch.Tensor
+    method: str
+    sparsity: float | None = None
+    pattern: str = "unstructured"
+    options: dict = field(default_factory=dict)
+    user_mask: torch.Tensor | None = None
+
+    def admm_options(self) -> dict:
+        """Solver options: the layer's own for an ADMM method; for a user mask under
+        another method, the ADMM defaults (that method's options mean nothing here)."""
+        own = self.options if self.method in ADMM_METHODS else {}
+        if self.user_mask is not None:
+            own = {k: v for k, v in own.items() if k != "mask_steps"}
+        return _admm_opts(own)
+
+
+def _admm_rule(job: LayerJob, system: AdmmSystem, sparsity: float, nm, o: dict) -> MaskRule:
+    if job.user_mask is not None:
+        return MaskRule(fixed=job.user_mask.to(device=job.weight.device, dtype=torch.bool))
+    if job.method == "admm":
+        # One mask up front (Wanda's score, which is |Ŵ| in normalised coordinates).
+        score = job.weight.to(system.scale.dtype).abs() * system.scale[None, :]
+        return MaskRule(fixed=select_mask(score, sparsity, nm, o["group"]))
+    return MaskRule(sparsity=sparsity, nm=nm, mask_steps=o["mask_steps"], schedule=o["schedule"],
+                    group=o["group"])
+
+
+def _check_job(job: LayerJob, gram: torch.Tensor):
+    if job.user_mask is not None:
+        validate_settings("admm", 0.0, "unstructured", **job.admm_options())
+        _check_tensors(job.weight, gram, None)
+        if job.user_mask.shape != job.weight.shape:
+            raise ValueError(f"mask: expected shape {tuple(job.weight.shape)} like weight, "
+                             f"got {tuple(job.user_mask.shape)}")
+        return 0.0, None
+    sparsity, nm = validate_settings(job.method, job.sparsity, job.pattern, **job.options)
+    _check_tensors(job.weight, gram, nm)
+    return sparsity, nm
+
+
+def prune_layers(jobs: dict[str, LayerJob], gram: torch.Tensor, *, cache: dict | None = None,
+                 select_path: str = "auto") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Prune layers that read the same input (so share `gram`), e.g. q/k/v or gate/up.
+
+    ADMM layers whose solver options agree are solved together: one factorisation
+    and one GEMM per iteration on their concatenated columns (`admm_solve_group`).
+    Others go one by one. Returns {name: (new weight in its dtype, bool mask)}.
+    """
+    cache = {} if cache is None else cache
+    checked = {name: _check_job(job, gram) for name, job in jobs.items()}  # all, before any work
+    gram = gram.to(next(iter(jobs.values())).weight.device)
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    admm_batches: dict[tuple, list[str]] = {}
+    for name, job in jobs.items():
+        if job.user_mask is not None or job.method in ADMM_METHODS:
+            o = job.admm_options()
+            admm_batches.setdefault(tuple(o[k] for k in _SOLVER_KEYS), []).append(name)
+        else:
+            out[name] = _prune_baseline(job, gram, *checked[name], cache)
+    for names in admm_batches.values():
+        o = jobs[names[0]].admm_options()
+        system = _admm_system(gram, o, cache)
+        rules = [_admm_rule(jobs[n], system, *checked[n], jobs[n].admm_options()) for n in names]
+        solved = admm_solve_group([jobs[n].weight for n in names], system, rules, iters=o["iters"],
+                                  select_path=select_path, matmul=o["matmul"])
+        for n, (new, mask) in zip(names, solved):
+            out[n] = (new.to(jobs[n].weight.dtype), mask)
+    return {name: out[name] for name in jobs}
+
+
+def _prune_baseline(job: LayerJob, gram, sparsity, nm, cache):
+    weight, opts = job.weight, job.options
+    if job.method == "magnitude":
+        new, mask = baselines.magnitude(weight, sparsity, nm, opts.get("group", "layer"))
+    elif job.method == "wanda":
+        new, mask = baselines.wanda(weight, gram, sparsity, nm, opts.get("group", "row"))
+    else:
+        o = {**SPARSEGPT_DEFAULTS, **opts}
+        key = ("sparsegpt", o["damping"])
+        if key not in cache:
+            cache[key] = baselines.sparsegpt_factor(gram, o["damping"])
+        new, mask = baselines.sparsegpt(weight, gram, sparsity, nm, o["damping"], o["blocksize"], cache[key])
+    return new.to(weight.dtype), mask
+
+
 def prune_layer(weight: torch.Tensor, gram: torch.Tensor, *, method: str, sparsity: float | None = None,
                 pattern: str = "unstructured", cache: dict | None = None, **opts):
     """Prune one linear layer. Returns (new_weight, mask); mask is bool, True = kept.
@@ -99,35 +197,8 @@ def prune_layer(weight: torch.Tensor, gram: torch.Tensor, *, method: str, sparsi
     cache:  a dict shared by layers that have the same Gram, so they share its
             normalisation and factorisation.
     """
-    sparsity, nm = validate_settings(method, sparsity, pattern, **opts)
-    _check_tensors(weight, gram, nm)
-    gram = gram.to(weight.device)
-    if method == "magnitude":
-        new, mask = baselines.magnitude(weight, sparsity, nm, opts.get("group", "layer"))
-    elif method == "wanda":
-        new, mask = baselines.wanda(weight, gram, sparsity, nm, opts.get("group", "row"))
-    elif method == "sparsegpt":
-        o = {**SPARSEGPT_DEFAULTS, **opts}
-        hinv = None
-        if cache is not None:
-            key = ("sparsegpt", o["damping"])
-            if key not in cache:
-                cache[key] = baselines.sparsegpt_factor(gram, o["damping"])
-            hinv = cache[key]
-        new, mask = baselines.sparsegpt(weight, gram, sparsity, nm, o["damping"], o["blocksize"], hinv)
-    else:
-        o = _admm_opts(opts)
-        system = _admm_system(gram, o, cache)
-        iters = o["iters"]
-        if method == "admm":
-            # One mask up front (Wanda's score, which is |Ŵ| in normalised coordinates).
-            score = weight.to(system.scale.dtype).abs() * system.scale[None, :]
-            fixed = select_mask(score, sparsity, nm, o["group"])
-            new, mask = admm_solve(weight, system, mask=fixed, iters=iters)
-        else:
-            new, mask = admm_solve(weight, system, sparsity=sparsity, nm=nm, iters=iters,
-                                   mask_steps=o["mask_steps"], schedule=o["schedule"], group=o["group"])
-    return new.to(weight.dtype), mask
+    job = LayerJob(weight, method, sparsity, pattern, opts)
+    return prune_layers({"layer": job}, gram, cache=cache)["layer"]
 
 
 def admm_update(weight: torch.Tensor, gram: torch.Tensor, mask: torch.Tensor, *,
@@ -137,11 +208,5 @@ def admm_update(weight: torch.Tensor, gram: torch.Tensor, mask: torch.Tensor, *,
     if unknown:
         raise ValueError(f"{sorted(unknown)[0]}: not an option of admm_update "
                          f"(options: {', '.join(sorted(ADMM_DEFAULTS))})")
-    validate_settings("admm", 0.0, "unstructured", **opts)
-    _check_tensors(weight, gram, None)
-    if mask.shape != weight.shape:
-        raise ValueError(f"mask: expected shape {tuple(weight.shape)} like weight, got {tuple(mask.shape)}")
-    o = _admm_opts(opts)
-    system = _admm_system(gram.to(weight.device), o, cache)
-    new, _ = admm_solve(weight, system, mask=mask.to(torch.bool), iters=o["iters"])
-    return new.to(weight.dtype)
+    job = LayerJob(weight, "admm", None, "unstructured", opts, user_mask=mask)
+    return prune_layers({"layer": job}, gram, cache=cache)["layer"][0]

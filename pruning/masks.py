@@ -2,7 +2,9 @@
 
 All functions take a score matrix of shape (d_out, d_in) (higher = more important)
 and return a bool mask of the same shape, True = kept. Counts are exact: ties are
-broken by index order (via sort), never by a threshold that could keep too many.
+broken by index order on the device, never by a threshold that could keep too many.
+`path` chooses how the threshold is found ("kthvalue", "sort", or "auto" by device);
+both paths give the same mask.
 """
 from __future__ import annotations
 
@@ -26,68 +28,82 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return n, m
 
 
-def _keep_lowest_out(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
-    """Mask over the last dim of `scores` pruning exactly the n_prune lowest of each row."""
-    mask = torch.ones_like(scores, dtype=torch.bool)
+SELECT_PATHS = ("auto", "kthvalue", "sort")
+
+
+def resolve_select_path(path: str, device: torch.device) -> str:
+    """'auto' picks what is fast where the scores live: an O(n) kthvalue on the CPU,
+    a sort on CUDA (CUDA's kthvalue took ~120 ms on a 16M-entry layer, measured)."""
+    if path not in SELECT_PATHS:
+        raise ValueError(f"select_path: expected one of {', '.join(SELECT_PATHS)}, got {path!r}")
+    if path == "auto":
+        return "kthvalue" if torch.device(device).type == "cpu" else "sort"
+    return path
+
+
+def _keep_lowest_out(scores: torch.Tensor, n_prune: int, path: str = "auto") -> torch.Tensor:
+    """Keep-mask over the last dim of `scores` that prunes exactly the n_prune lowest
+    of each row (a 1-D tensor is one row).
+
+    The k-th lowest value is found by kthvalue or by a sort (`path`); entries equal
+    to it are pruned in index order until the count is exact. Everything stays on
+    the device: no nonzero, no .item(), so a CUDA caller never waits on the host.
+    """
+    width = scores.shape[-1]
     if n_prune <= 0:
-        return mask
-    if scores.dim() == 1:
-        return _keep_lowest_out_flat(scores, n_prune)
-    lowest = torch.topk(scores, n_prune, dim=-1, largest=False, sorted=False).indices
-    return mask.scatter_(-1, lowest, False)
-
-
-def _keep_lowest_out_flat(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
-    """Layer-wide selection in O(n): a k-th value threshold, then ties cut by index,
-    so the count is exact (a full sort costs ~10x more on a 1M-entry layer)."""
-    if n_prune >= scores.numel():
+        return torch.ones_like(scores, dtype=torch.bool)
+    if n_prune >= width:
         return torch.zeros_like(scores, dtype=torch.bool)
-    threshold = torch.kthvalue(scores, n_prune).values
-    keep = scores > threshold
-    ties = (scores == threshold).nonzero().squeeze(1)
-    n_ties_kept = int(ties.numel() - (n_prune - int((scores < threshold).sum())))
-    if n_ties_kept > 0:
-        keep[ties[ties.numel() - n_ties_kept:]] = True
-    return keep
+    if resolve_select_path(path, scores.device) == "kthvalue":
+        threshold = torch.kthvalue(scores, n_prune, dim=-1, keepdim=True).values
+    else:
+        threshold = torch.sort(scores, dim=-1).values.narrow(-1, n_prune - 1, 1)
+    below = scores < threshold
+    ties = scores == threshold
+    ties_to_prune = n_prune - below.sum(-1, keepdim=True, dtype=torch.int32)
+    tie_rank = ties.cumsum(-1, dtype=torch.int32)  # 1 for the first tie of a row, 2 for the next...
+    return ~(below | (ties & (tie_rank <= ties_to_prune)))
 
 
-def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "layer") -> torch.Tensor:
+def unstructured_mask(scores: torch.Tensor, sparsity: float, group: str = "layer",
+                      path: str = "auto") -> torch.Tensor:
     """Prune the lowest-scoring fraction `sparsity`, over the whole layer or per output row."""
     if group == "layer":
         n_prune = round(sparsity * scores.numel())
-        return _keep_lowest_out(scores.reshape(-1), n_prune).view_as(scores)
+        return _keep_lowest_out(scores.reshape(-1), n_prune, path).view_as(scores)
     if group == "row":
         n_prune = round(sparsity * scores.shape[1])
-        return _keep_lowest_out(scores, n_prune)
+        return _keep_lowest_out(scores, n_prune, path)
     raise ValueError(f"group: expected 'layer' or 'row', got {group!r}")
 
 
-def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+def nm_mask(scores: torch.Tensor, n: int, m: int, path: str = "auto") -> torch.Tensor:
     """Keep the n highest scores in every group of m consecutive inputs of a row."""
     d_out, d_in = scores.shape
     grouped = scores.reshape(d_out, d_in // m, m)
-    return _keep_lowest_out(grouped, m - n).view(d_out, d_in)
+    return _keep_lowest_out(grouped, m - n, path).view(d_out, d_in)
 
 
-def gradual_nm_mask(scores: torch.Tensor, n: int, m: int, sparsity: float) -> torch.Tensor:
+def gradual_nm_mask(scores: torch.Tensor, n: int, m: int, sparsity: float,
+                    path: str = "auto") -> torch.Tensor:
     """An intermediate step towards an exact N:M pattern.
 
     The n best entries of every group are protected; among the others, the lowest
     ones are pruned layer-wide until a fraction `sparsity` (<= 1 - n/m) of all
     entries is pruned. At sparsity = 1 - n/m the result is exactly N:M.
     """
-    protected = nm_mask(scores, n, m)
+    protected = nm_mask(scores, n, m, path)
     n_prune = round(sparsity * scores.numel())
     unprotected_scores = scores.masked_fill(protected, float("inf"))
-    return _keep_lowest_out(unprotected_scores.reshape(-1), n_prune).view_as(scores)
+    return _keep_lowest_out(unprotected_scores.reshape(-1), n_prune, path).view_as(scores)
 
 
 def select_mask(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None,
-                group: str = "layer") -> torch.Tensor:
+                group: str = "layer", path: str = "auto") -> torch.Tensor:
     """The final mask for a pattern: N:M groups when nm is given, else unstructured."""
     if nm is None:
-        return unstructured_mask(scores, sparsity, group)
-    return nm_mask(scores, *nm)
+        return unstructured_mask(scores, sparsity, group, path)
+    return nm_mask(scores, *nm, path=path)
 
 
 def find_nm_violation(weight: torch.Tensor, n: int, m: int) -> str | None:

@@ -21,35 +21,35 @@ from __future__ import annotations
 
 import torch
 
-from .runner import BlockInputs, block_linears, decoder_layers, run_block
+from .runner import BlockInputs, block_linears, decoder_layers
+from .walk import DEFAULT_BATCH_SIZE, LinearTap, walk_block
+
+
+class InputNorms(LinearTap):
+    """Σ over tokens of x² per input channel, per linear layer: ‖X_k‖² for Wanda's score."""
+
+    def __init__(self, linears):
+        super().__init__(linears)
+        self.sq_norms: dict[str, torch.Tensor] = {}
+
+    def observe(self, name: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.sq_norms[name] = self.sq_norms.get(name, 0) + (x * x).sum(dim=0)
 
 
 @torch.no_grad()
-def block_outlier_ratios(model, inputs: BlockInputs, *, m: float = 5.0) -> list[float]:
-    """D_i of every block: the dense model is run block by block on the calibration
+def block_outlier_ratios(model, inputs: BlockInputs, *, m: float = 5.0,
+                         batch_size: int = DEFAULT_BATCH_SIZE) -> list[float]:
+    """D_i of every block: the dense model is walked block by block on the calibration
     inputs (its own outputs feed the next block; nothing is pruned)."""
     ratios = []
-    hidden = inputs.hidden
+    hidden = inputs.hidden.clone()
     for i, block in enumerate(decoder_layers(model)):
         linears = block_linears(block)
-        sq_norms: dict[str, torch.Tensor] = {}
-
-        def hook(module, args, name):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            sq_norms[name] = sq_norms.get(name, 0) + (x * x).sum(dim=0)
-
-        handles = [lin.register_forward_pre_hook(lambda mod, a, n=name: hook(mod, a, n))
-                   for name, lin in linears.items()]
-        outputs = []
-        try:
-            for x in hidden:
-                outputs.append(run_block(block, x[None], inputs.calls[i]))
-        finally:
-            for h in handles:
-                h.remove()
-        hidden = torch.cat(outputs, dim=0)
-        scores = torch.cat([(lin.weight.float().abs() * sq_norms[name].sqrt()[None, :]).reshape(-1)
-                            for name, lin in linears.items() if name in sq_norms])
+        norms = InputNorms(linears)
+        walk_block(block, hidden, inputs.calls[i], batch_size=batch_size, taps=[norms], write_back=True)
+        scores = torch.cat([(lin.weight.float().abs() * norms.sq_norms[name].sqrt()[None, :]).reshape(-1)
+                            for name, lin in linears.items() if name in norms.sq_norms])
         ratios.append(float((scores > m * scores.mean()).float().mean()))
     return ratios
 
@@ -80,11 +80,11 @@ def owl_sparsities(ratios: list[float], sparsity: float, lam: float = 0.08) -> l
 
 
 def owl_block_overrides(model, inputs: BlockInputs, sparsity: float, *, lam: float = 0.08,
-                        m: float = 5.0) -> dict[int, dict]:
+                        m: float = 5.0, batch_size: int = DEFAULT_BATCH_SIZE) -> dict[int, dict]:
     """`block_overrides` for PruneSpec: {block index: {"sparsity": s_i}}.
 
     `inputs` are the dense model's block-0 inputs (capture_block_inputs); call this
     before pruning, on the dense model.
     """
-    ratios = block_outlier_ratios(model, inputs, m=m)
+    ratios = block_outlier_ratios(model, inputs, m=m, batch_size=batch_size)
     return {i: {"sparsity": s} for i, s in enumerate(owl_sparsities(ratios, sparsity, lam))}

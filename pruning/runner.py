@@ -2,8 +2,12 @@
 
 1. Capture the inputs of decoder block 0 for every calibration sample, and the
    keyword arguments (masks, RoPE position embeddings, ...) the model hands each block.
-2. For each block: run it on all samples with Gram hooks, prune its linear layers,
-   then run the pruned block to make the next block's inputs.
+2. For each block: walk it over all samples with a Gram tap, prune its linear
+   layers (layers that share an input are solved together), then walk the pruned
+   block to turn its inputs into the next block's, in place.
+
+Samples go through the model and each block in batches (`batch_size`), into one
+preallocated activation buffer (pruning/walk.py).
 
 Calibration forwards never use or pass a KV cache: a cache carried from one sample
 to the next makes each sample attend to earlier samples' keys and corrupts every Gram.
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -21,8 +26,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .gram import GramCollector, exact_fp32_matmul
-from .layer import admm_update, prune_layer, validate_settings
+from .layer import LayerJob, prune_layers, validate_settings
 from .masks import parse_pattern
+from .walk import DEFAULT_BATCH_SIZE, BlockCall, batch_slices, propagate, run_block, walk_block
 
 _CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past")
 _LAYER_PATHS = ("model.layers", "model.decoder.layers", "model.language_model.layers",
@@ -58,13 +64,6 @@ def prunable_linear_names(model: nn.Module) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- capture
-
-@dataclass
-class BlockCall:
-    """How the model calls one block, minus the hidden states."""
-    args: tuple
-    kwargs: dict
-
 
 @dataclass
 class BlockInputs:
@@ -121,25 +120,19 @@ def _place(model: nn.Module, device, offload: bool) -> None:
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, *, device: str | torch.device = "cpu",
-                         progress: bool = False, offload: bool = False) -> BlockInputs:
-    """Block-0 inputs for each calibration sample (one clean forward each, no cache),
-    and the call arguments of every block (taken from a full forward of sample 0:
-    they depend on positions only, and e.g. Gemma3 gives each layer type its own)."""
+                         progress: bool = False, offload: bool = False,
+                         batch_size: int = DEFAULT_BATCH_SIZE) -> BlockInputs:
+    """Block-0 inputs for each calibration sample (clean forwards in batches, no
+    cache), and the call arguments of every block (taken from a full forward of
+    sample 0: they depend on positions only, and e.g. Gemma3 gives each layer type
+    its own)."""
     layers = decoder_layers(model)
     calls: list[BlockCall | None] = [None] * len(layers)
-    hidden: list[torch.Tensor] = []
 
-    def record_all(index, module, args, kwargs):
-        h, call = _split_call(args, kwargs)
-        calls[index] = call
-        if index == 0:
-            hidden.append(h.detach())
+    def record_call(index, module, args, kwargs):
+        calls[index] = _split_call(args, kwargs)[1]
 
-    def record_first(module, args, kwargs):
-        hidden.append(_split_call(args, kwargs)[0].detach())
-        raise _StopForward
-
-    handles = [layer.register_forward_pre_hook(lambda m, a, k, i=i: record_all(i, m, a, k), with_kwargs=True)
+    handles = [layer.register_forward_pre_hook(lambda m, a, k, i=i: record_call(i, m, a, k), with_kwargs=True)
                for i, layer in enumerate(layers)]
     try:
         with _blocks_visit(layers, device) if offload else nullcontext():
@@ -147,27 +140,29 @@ def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, *, device: s
     finally:
         for h in handles:
             h.remove()
+
+    hidden: torch.Tensor | None = None
+    rows = slice(0, 0)
+
+    def record_first(module, args, kwargs):
+        nonlocal hidden
+        x = _split_call(args, kwargs)[0]
+        if hidden is None:  # the buffer for all samples, allocated once
+            hidden = x.new_empty((calib_ids.shape[0], *x.shape[1:]))
+        hidden[rows] = x
+        raise _StopForward
+
     handle = layers[0].register_forward_pre_hook(record_first, with_kwargs=True)
     try:
-        for ids in tqdm(calib_ids[1:], desc="capture", disable=not progress, unit="sample"):
+        for rows in tqdm(batch_slices(calib_ids.shape[0], batch_size), desc="capture",
+                         disable=not progress, unit="batch"):
             try:
-                model(ids[None].to(device), use_cache=False)
+                model(calib_ids[rows].to(device), use_cache=False)
             except _StopForward:
                 pass
     finally:
         handle.remove()
-    return BlockInputs(hidden=torch.cat(hidden, dim=0), calls=calls)
-
-
-def run_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
-    """One block on one sample (hidden: (seqlen, d) or (1, seqlen, d))."""
-    out = block(hidden if hidden.dim() == 3 else hidden[None], *call.args, **call.kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
-@torch.no_grad()
-def propagate(block: nn.Module, inputs: torch.Tensor, call: BlockCall) -> torch.Tensor:
-    return torch.cat([run_block(block, x[None], call) for x in inputs], dim=0)
+    return BlockInputs(hidden=hidden, calls=calls)
 
 
 # ---------------------------------------------------------------------------- what to do
@@ -276,6 +271,7 @@ class PruneResult:
     seconds: float
     reused_blocks: list[int]
     computed_blocks: list[int]
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # capture, gram, solve, propagate
 
 
 def _relative_error(old: torch.Tensor, new: torch.Tensor, gram: torch.Tensor) -> float:
@@ -287,47 +283,66 @@ def _relative_error(old: torch.Tensor, new: torch.Tensor, gram: torch.Tensor) ->
     return float(num / den)
 
 
-def _prune_one(full_name, linear, gram, settings: LayerSettings, spec: PruneSpec, cache: dict) -> dict:
-    start = time.perf_counter()
-    old = linear.weight.data
-    mask = spec.mask_for(full_name)
-    if mask is not None:
-        new = admm_update(old, gram, mask.to(old.device), cache=cache,
-                          **{k: v for k, v in settings.options.items() if k != "mask_steps"})
-        method = "admm (user mask)"
-    else:
-        new, mask = prune_layer(old, gram, method=settings.method, sparsity=settings.sparsity,
-                                pattern=settings.pattern, cache=cache, **settings.options)
-        method = settings.method
-    error = _relative_error(old, new, gram)
-    linear.weight.data = new
-    return {"name": full_name, "method": method, "pattern": settings.pattern,
-            "sparsity": float((new == 0).float().mean()), "rel_error": error,
-            "seconds": time.perf_counter() - start}
+class _PhaseClock:
+    """Wall time per phase (capture, gram, solve, propagate). On CUDA it waits for the
+    device at phase boundaries only (a few times per block), never inside a solve."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.seconds[phase] += time.perf_counter() - start
 
 
-def _collect_grams(block, linears, inputs, call, active=None) -> GramCollector:
+def _collect_grams(block, linears, hidden, call, batch_size, active=None) -> GramCollector:
     collector = GramCollector(linears, active)
-    with collector.attached():
-        for x in inputs:
-            collector.new_forward()
-            run_block(block, x[None], call)
+    walk_block(block, hidden, call, batch_size=batch_size, taps=[collector])
     return collector
 
 
-def _prune_block(block, index, prefix, inputs, call, spec: PruneSpec) -> list[dict]:
+def _prune_group(index, prefix, names, linears, gram, spec: PruneSpec) -> list[dict]:
+    """Prune layers that share one input (and so one Gram); one stats row per layer."""
+    start = time.perf_counter()
+    jobs = {}
+    for name in names:
+        s = spec.settings_for(index, name)
+        jobs[name] = LayerJob(linears[name].weight.data, s.method, s.sparsity, s.pattern, s.options,
+                              user_mask=spec.mask_for(f"{prefix}{index}.{name}"))
+    results = prune_layers(jobs, gram)
+    seconds = (time.perf_counter() - start) / len(names)  # the shared solve, split evenly
+    stats = []
+    for name, (new, _) in results.items():
+        job = jobs[name]
+        stats.append({"block": index, "name": f"{prefix}{index}.{name}",
+                      "method": "admm (user mask)" if job.user_mask is not None else job.method,
+                      "pattern": job.pattern, "sparsity": float((new == 0).float().mean()),
+                      "rel_error": _relative_error(job.weight, new, gram), "seconds": seconds})
+        linears[name].weight.data = new
+    return stats
+
+
+def _prune_block(block, index, prefix, hidden, call, spec: PruneSpec, batch_size, clock) -> list[dict]:
     linears = block_linears(block)
-    collector = _collect_grams(block, linears, inputs, call)  # every Gram, from the dense block
+    with clock("gram"):
+        collector = _collect_grams(block, linears, hidden, call, batch_size)  # every Gram, from the dense block
     stats = []
     for k, group in enumerate(collector.groups()):
         if spec.true_sequential and k > 0:
             # Later groups see the outputs of the groups already pruned in this block.
-            collector = _collect_grams(block, linears, inputs, call, active={group[0]})
-        cache: dict = {}  # layers of one group share the Gram's factorisation
-        for name in group:
-            stat = _prune_one(f"{prefix}{index}.{name}", linears[name], collector.gram_of(name),
-                              spec.settings_for(index, name), spec, cache)
-            stats.append({"block": index, **stat})
+            with clock("gram"):
+                collector = _collect_grams(block, linears, hidden, call, batch_size, active={group[0]})
+        with clock("solve"):
+            stats.extend(_prune_group(index, prefix, group, linears, collector.gram_of(group[0]), spec))
     return stats
 
 
@@ -335,22 +350,28 @@ def _prune_block(block, index, prefix, inputs, call, spec: PruneSpec) -> list[di
 def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpec, *,
                 device: str | torch.device | None = None, store: BlockStore | None = None,
                 progress: bool = True, inputs: BlockInputs | None = None,
-                offload: bool = False) -> PruneResult:
+                offload: bool = False, batch_size: int = DEFAULT_BATCH_SIZE) -> PruneResult:
     """Prune every decoder block in place, block by block.
 
     `store` (optional) makes the run resumable: a block it can load is not pruned
     again, only propagated; every newly pruned block is saved to it.
     `offload` keeps the decoder blocks on the CPU and brings one at a time to
     `device`, so device memory holds one block plus the activations.
+    `batch_size` samples go through a block at a time. Results match batch 1 up to
+    fp32 rounding, not bit for bit, so callers that cache results key on it.
     """
     start = time.perf_counter()
     device = device or next(model.parameters()).device
+    batch_slices(1, batch_size)  # refuse a bad batch size before any work
     spec.validate(model)
     model.eval()
     _place(model, device, offload)
+    clock = _PhaseClock(device)
     if inputs is None:
-        inputs = capture_block_inputs(model, calib_ids, device=device, progress=progress, offload=offload)
-    hidden = inputs.hidden
+        with clock("capture"):
+            inputs = capture_block_inputs(model, calib_ids, device=device, progress=progress,
+                                          offload=offload, batch_size=batch_size)
+    hidden = inputs.hidden.to(device).clone()  # walked in place, block after block
     prefix = layers_prefix(model) + "."
     stats, reused, computed = [], [], []
     layers = decoder_layers(model)
@@ -368,13 +389,14 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
                 reused.append(i)
                 bar.set_postfix_str(f"block {i}: restored")
             else:
-                block_stats = _prune_block(block, i, prefix, hidden, call, spec)
+                block_stats = _prune_block(block, i, prefix, hidden, call, spec, batch_size, clock)
                 computed.append(i)
                 if store is not None:
                     store.save(i, {n: m.weight.data.detach().cpu() for n, m in linears.items()}, block_stats)
                 bar.set_postfix_str(f"block {i}: pruned")
             stats.extend(block_stats)
-            hidden = propagate(block, hidden, call)
+            with clock("propagate"):
+                walk_block(block, hidden, call, batch_size=batch_size, write_back=True)
             if offload:
                 block.to("cpu")
-    return PruneResult(stats, time.perf_counter() - start, reused, computed)
+    return PruneResult(stats, time.perf_counter() - start, reused, computed, dict(clock.seconds))

@@ -42,7 +42,8 @@ def run() -> None:
     # With offload the runner moves one block at a time to the device.
     model = load_dense(MODEL_DIR, "cpu" if offload else device)
     with torch.no_grad():
-        inputs = capture_block_inputs(model, ids, device=device, progress=True, offload=offload)
+        inputs = capture_block_inputs(model, ids, device=device, progress=True, offload=offload,
+                                      batch_size=params["model"].get("batch_size", 8))
     CALIBRATION_DIR.mkdir(parents=True, exist_ok=True)
     write_tensors(CALIBRATION_DIR / CALIB_IDS, {"input_ids": ids})
     structure = save_block_inputs(CALIBRATION_DIR / CALIB_INPUTS, inputs)

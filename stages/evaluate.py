@@ -41,21 +41,23 @@ def eval_windows(e: dict, tokenizer) -> dict[str, torch.Tensor]:
         raise ParamError("evaluate.seqlen", str(err).partition(": ")[2] or str(err)) from None
 
 
-def perplexities(model, windows: dict[str, torch.Tensor], device: str, label: str) -> dict[str, float]:
+def perplexities(model, windows: dict[str, torch.Tensor], device: str, label: str,
+                 batch_size: int) -> dict[str, float]:
     from pruning.perplexity import perplexity
-    return {f"{name}_ppl": perplexity(model, w, device=device, progress=True, desc=f"{label} {name}")
+    return {f"{name}_ppl": perplexity(model, w, device=device, progress=True, desc=f"{label} {name}",
+                                      batch_size=batch_size)
             for name, w in windows.items()}
 
 
-def dense_perplexities(windows: dict[str, torch.Tensor], device: str) -> dict[str, float]:
+def dense_perplexities(windows: dict[str, torch.Tensor], device: str, batch_size: int) -> dict[str, float]:
     digest = {name: hashlib.sha256(w.numpy().tobytes()).hexdigest() for name, w in windows.items()}
     key = hash_json({"model": hash_tree(MODEL_DIR), "windows": digest, "device": torch.device(device).type,
-                     "code": library_fingerprint(), "torch": torch.__version__})
+                     "code": library_fingerprint(), "torch": torch.__version__, "batch_size": batch_size})
     memo = work_cache() / "dense-eval" / f"{key}.json"
     if memo.is_file():
         say(STAGE, f"dense perplexities reused from {memo}")
         return read_json(memo)
-    result = perplexities(load_dense(MODEL_DIR, device), windows, device, "dense")
+    result = perplexities(load_dense(MODEL_DIR, device), windows, device, "dense", batch_size)
     write_json(memo, result)
     return result
 
@@ -90,7 +92,8 @@ def run() -> None:
     counts = {name: int(w.shape[0]) for name, w in windows.items()}
     say(STAGE, f"windows of {e['seqlen']} tokens: {counts}")
 
-    dense = dense_perplexities(windows, device) if e["dense"] else {}
+    batch_size = params["model"].get("batch_size", 8)
+    dense = dense_perplexities(windows, device, batch_size) if e["dense"] else {}
     converted = read_json(CONVERTED_DIR / CONVERT_JSON)
     if converted["packed"]:
         from pruning.packing import load_packed_model
@@ -98,7 +101,7 @@ def run() -> None:
         model = load_packed_model(CONVERTED_DIR, device=device)
     else:
         model = load_dense(PRUNED_DIR, device)
-    pruned = perplexities(model, windows, device, "pruned")
+    pruned = perplexities(model, windows, device, "pruned", batch_size)
 
     log = read_json(PRUNED_DIR / PRUNE_LOG)
     rows, sparsity, nm_valid = layer_report(model, {layer["name"]: layer["pattern"] for layer in log["layers"]})

@@ -24,7 +24,7 @@ LOCAL_TEXT_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 
 # The keys each section may hold; anything else is a typo and is refused.
 SECTION_KEYS = {
-    "model": {"source", "dtype", "device", "offload"},
+    "model": {"source", "dtype", "device", "offload", "batch_size"},
     "calibrate": {"data", "nsamples", "seqlen", "seed"},
     "prune": {"method", "sparsity", "pattern", "options", "true_sequential",
               "block_overrides", "layer_overrides", "mask_file", "mask_sha256"},
@@ -112,6 +112,7 @@ def check_model(params: dict) -> dict:
     if not isinstance(device, str) or not (device in ("auto", "cpu", "mps") or device.split(":")[0] == "cuda"):
         raise ParamError("model.device", f"expected auto, cpu, cuda or cuda:N, got {device!r}")
     _bool("model.offload", m.get("offload", False))
+    _int("model.batch_size", m.get("batch_size", 8), 1)
     if device.startswith("cuda"):
         import torch
         if not torch.cuda.is_available():

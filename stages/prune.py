@@ -71,8 +71,11 @@ def run() -> None:
 
     # Everything a block's result depends on; see block_store.py for the chaining.
     prefix = layers_prefix(model) + "."
+    # The batch size changes fp rounding (GEMM shapes), so results are keyed on it.
+    batch_size = params["model"].get("batch_size", 8)
     base = {"model": hash_tree(MODEL_DIR), "calibration": hash_tree(CALIBRATION_DIR),
-            "code": library_fingerprint(), "torch": torch.__version__, "device": torch.device(device).type}
+            "code": library_fingerprint(), "torch": torch.__version__, "device": torch.device(device).type,
+            "batch_size": batch_size}
     settings = [spec.block_settings(i, list(block_linears(block)), prefix)
                 for i, block in enumerate(decoder_layers(model))]
     store = FingerprintBlockStore(work_cache() / "blocks", block_fingerprints(base, settings),
@@ -85,7 +88,7 @@ def run() -> None:
     say(STAGE, f"{p['method']} at sparsity {p['sparsity']} ({p['pattern']}) on {device}, "
                f"{n_blocks} blocks, {ids.shape[0]} x {ids.shape[1]} calibration tokens")
     result = prune_model(model, ids, spec, device=device, store=store, progress=True, inputs=inputs,
-                         offload=offload)
+                         offload=offload, batch_size=batch_size)
     memory = peak_memory_mib(device)
     if result.reused_blocks:
         say(STAGE, f"reused blocks {result.reused_blocks} from the block store; computed {result.computed_blocks}")
@@ -101,7 +104,8 @@ def run() -> None:
     })
     errors = [layer["rel_error"] for layer in result.layers]
     write_json(PRUNE_METRICS, {
-        "prune_seconds": round(result.seconds, 3), **memory, "blocks": n_blocks,
+        "prune_seconds": round(result.seconds, 3), **memory,
+        "phase_seconds": {k: round(v, 3) for k, v in result.phase_seconds.items()}, "blocks": n_blocks,
         "reused_blocks": result.reused_blocks, "computed_blocks": result.computed_blocks,
         "mean_rel_error": statistics.fmean(errors), "max_rel_error": max(errors),
     })

@@ -7,6 +7,7 @@ from pruning.gram import GramCollector
 from pruning.masks import is_nm_valid
 from pruning.models import build_tiny_model
 from pruning.runner import block_linears, propagate
+from pruning.walk import walk_block
 
 ARCHS = ["llama", "qwen2", "mistral", "gemma3", "opt"]
 
@@ -71,10 +72,7 @@ def test_shared_input_layers_share_one_gram():
     inputs = capture_block_inputs(model, calib())
     block = decoder_layers(model)[0]
     collector = GramCollector(block_linears(block))
-    with collector.attached():
-        for x in inputs.hidden:
-            collector.new_forward()
-            block(x[None], *inputs.calls[0].args, **inputs.calls[0].kwargs)
+    walk_block(block, inputs.hidden, inputs.calls[0], batch_size=3, taps=[collector])
     assert collector.groups() == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
                                   ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
     assert len(collector.grams) == 4
