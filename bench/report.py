@@ -126,14 +126,23 @@ def speed_tables(records: list[dict]) -> str:
             out.append("")
         model = [r for r in recs if r["scope"] == "model"]
         if model:
-            ref = next((r["seconds"] for r in model if r["method"] == "sparsegpt"), None)
-            out.append("**Whole-model prune** (wall seconds from captured block-0 inputs to all blocks pruned)\n")
-            out.append("| model | method | seconds | of which solver | x sparsegpt | peak GiB |")
-            out.append("|---|---|---|---|---|---|")
+            ref = next((r["seconds"] for r in model if r["method"] == "sparsegpt" and r.get("seconds")), None)
+            out.append("**Whole-model prune** (wall seconds from the start of calibration capture to the last "
+                       "block's propagation; capture / gram / solve / propagate split; peaks: device, host)\n")
+            out.append("| model | method | seconds | capture | gram | solve | propagate | x sparsegpt "
+                       "| peak GiB | host peak GiB |")
+            out.append("|---|---|---|---|---|---|---|---|---|---|")
             for r in model:
+                if not r.get("seconds"):
+                    why = f"timed out after {r['limit_s']:.0f} s" if r.get("timed_out") else "failed"
+                    out.append(f"| {r['shape']} | {r['method']} | {why} | | | | | | | |")
+                    continue
+                phases = r.get("phase_seconds") or {}
                 ratio = f"{r['seconds'] / ref:.2f}" if ref else ""
-                out.append(f"| {r['shape']} | {r['method']} | {r['seconds']:.1f} | {r.get('solve_seconds', 0):.1f} "
-                           f"| {ratio} | {r['peak_gib']:.2f} |")
+                out.append(f"| {r['shape']} | {r['method']} | {r['seconds']:.1f} | "
+                           + " | ".join(f"{phases[p]:.1f}" if p in phases else ""
+                                        for p in ("capture", "gram", "solve", "propagate"))
+                           + f" | {ratio} | {r['peak_gib']:.2f} | {r.get('host_peak_gib', 0):.2f} |")
             out.append("")
     return "\n".join(out)
 

@@ -16,11 +16,14 @@ is downloaded):
   model's layer shapes; series "d_in sweep": d_out fixed, d_in growing. The Gram
   comes from Gaussian inputs with log-normal per-channel scales (real activations
   have outlier channels).
-- scope "model": whole-model prune at 50 % unstructured = wall time from the captured
-  block-0 inputs to all blocks pruned (pruning.prune_model with `inputs=`: the same
-  capture, Gram and propagation code for every method; only the per-layer solver
-  differs). Inputs are captured once; the dense weights are restored from a host
-  copy before each method. `solve_seconds` is the part spent in the solver.
+- scope "model": whole-model prune at 50 % unstructured = wall time from the start of
+  calibration capture to the last block's propagation (pruning.prune_model from token
+  ids; model building is not timed), split into phase_seconds (capture, gram, solve,
+  propagate). Each method runs in its own process with a time limit (--limit), so
+  its host-memory peak (host_peak_gib) is its own and a slow method cannot stall the
+  rest; one more run of the first method uses offload (blocks on the host, one at a
+  time on the GPU). The same capture, Gram and propagation code serves every method;
+  only the per-layer solver differs.
 
 peak_gib: on CUDA torch.cuda.max_memory_allocated (reset before each measurement;
 it includes the model, calibration activations and everything live). On CPU the
@@ -37,7 +40,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import json
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +52,7 @@ from common import REPO, ResultFile, device_label, git_commit  # also puts REPO 
 
 import torch  # noqa: E402
 
-from pruning import PruneSpec, capture_block_inputs, prune_layer, prune_model  # noqa: E402
+from pruning import PruneSpec, prune_layer, prune_model  # noqa: E402
 
 DEFAULT_OUT = REPO / "bench" / "results" / "speed.json"
 KEY = ("method", "scope", "series", "shape", "profile", "device")
@@ -195,39 +201,52 @@ def build_model(profile: Profile, device: str):
     return model.eval()
 
 
-def time_models(methods: list[str], profile: Profile, device: str, record) -> None:
-    """Whole-model prune for each method in turn, one model, one capture."""
-    model = build_model(profile, device)
+def prune_whole_model(method: str, profile: Profile, device: str, offload: bool, batch_size: int) -> dict:
+    """One whole-model prune from the token ids: capture, then every block's Grams,
+    solve and propagation (model building is not timed). Runs in its own process
+    (see time_models), so the host-memory peak is this method's alone."""
+    model = build_model(profile, "cpu" if offload else device)
     gen = torch.Generator().manual_seed(0)
     calib = torch.randint(0, profile.config["vocab_size"], (profile.nsamples, profile.seqlen), generator=gen)
-    _sync(device)
-    t0 = time.perf_counter()
-    inputs = capture_block_inputs(model, calib, device=device)
-    _sync(device)
-    capture_seconds = time.perf_counter() - t0
-    # The dense weights on the host, restored before each method (a second copy on a
-    # 24 GB GPU would not fit next to a 7B model).
-    dense = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    for name in methods:
-        model.load_state_dict(dense)
-        spec = PruneSpec(name, 0.5, "unstructured")
-        with PeakMemory(device) as peak:
-            _sync(device)
-            t0 = time.perf_counter()
-            result = prune_model(model, None, spec, device=device, progress=False, inputs=inputs)
-            _sync(device)
-            seconds = time.perf_counter() - t0
-        record(name, seconds, peak, capture_seconds=capture_seconds,
-               solve_seconds=sum(s["seconds"] for s in result.layers),
-               tokens=profile.nsamples * profile.seqlen)
-    del model, inputs, dense
-    gc.collect()
+    with PeakMemory(device) as peak:
+        _sync(device)
+        t0 = time.perf_counter()
+        result = prune_model(model, calib, PruneSpec(method, 0.5, "unstructured"), device=device,
+                             progress=False, offload=offload, batch_size=batch_size)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "peak_gib": peak.gib, "peak_kind": peak.kind,
+            "host_peak_gib": host_peak_gib(), "phase_seconds": result.phase_seconds,
+            "tokens": profile.nsamples * profile.seqlen, "offload": offload, "batch_size": batch_size}
+
+
+def host_peak_gib() -> float:
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM"))
+    return int(line.split()[1]) / 2**20
+
+
+def time_models(cases: list[tuple[str, bool]], profile_name: str, device: str, limit_s: float,
+                batch_size: int, record) -> None:
+    """Each (method, offload) case in a child process with a time limit: a case that
+    runs out of time is recorded as such and the next one starts."""
+    for method, offload in cases:
+        cmd = [sys.executable, __file__, "--child-model", method, "--profile", profile_name, "--device", device,
+               "--batch-size", str(batch_size)] + (["--offload"] if offload else [])
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            record(method, offload, {"seconds": None, "timed_out": True, "limit_s": limit_s})
+            continue
+        if proc.returncode:
+            record(method, offload, {"seconds": None, "failed": proc.stderr[-2000:]})
+            continue
+        record(method, offload, json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
 # ------------------------------------------------------------------ driver
 
 def run(profile_name: str, *, out: Path, device: str, scopes=("layer", "model"), methods=None,
-        force: bool = False) -> list[dict]:
+        force: bool = False, limit_s: float = 600, batch_size: int = 8, offload_run: bool = True) -> list[dict]:
     profile = PROFILES[profile_name]
     results = ResultFile(out, KEY)
     label, commit = device_label(device), git_commit()
@@ -259,12 +278,21 @@ def run(profile_name: str, *, out: Path, device: str, scopes=("layer", "model"),
                                 gram_tokens=profile.gram_tokens, weight_dtype=str(profile.dtype))
     if "model" in scopes:
         shape = profile.model_label
-        pending = [m for m in methods if todo(m, "model", "whole model", shape)]
-        if pending:
-            time_models(pending, profile, device,
-                        lambda name, seconds, peak, **extra: make_record(
-                            name, "model", "whole model", shape, seconds, peak,
-                            weight_dtype=str(profile.dtype), **extra))
+        cases = [(m, False) for m in methods] + ([(methods[0], True)] if offload_run else [])
+        pending = [(m, off) for m, off in cases
+                   if todo(m + ("+offload" if off else ""), "model", "whole model", shape)]
+
+        def record_model(method, offload, fields):
+            name = method + ("+offload" if offload else "")
+            rec = {"method": name, "scope": "model", "series": "whole model", "shape": shape, "device": label,
+                   "commit": commit, "profile": profile_name, "sparsity": 0.5, "pattern": "unstructured",
+                   "torch": torch.__version__, "weight_dtype": str(profile.dtype), **fields}
+            results.add(rec)
+            seconds = "timed out" if fields.get("timed_out") else ("failed" if fields.get("failed")
+                                                                   else f"{fields['seconds']:.2f}s")
+            print(f"model {shape:44s} {name:22s} {seconds}  {fields.get('phase_seconds', '')}", flush=True)
+
+        time_models(pending, profile_name, device, limit_s, batch_size, record_model)
     return results.records
 
 
@@ -277,11 +305,22 @@ def main(argv=None) -> None:
     parser.add_argument("--scope", action="append", choices=["layer", "model"])
     parser.add_argument("--method", action="append", choices=list(METHODS))
     parser.add_argument("--force", action="store_true")
+    parser.add_argument("--limit", type=float, default=600, help="seconds per whole-model case")
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per block forward")
+    parser.add_argument("--no-offload-run", action="store_true",
+                        help="skip the extra whole-model run with offload (first method)")
+    parser.add_argument("--child-model", help=argparse.SUPPRESS)
+    parser.add_argument("--offload", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     profile = args.profile or ("gpu" if device.startswith("cuda") else "cpu")
+    if args.child_model:
+        fields = prune_whole_model(args.child_model, PROFILES[profile], device, args.offload, args.batch_size)
+        print(json.dumps(fields))
+        return
     run(profile, out=args.out, device=device, scopes=tuple(args.scope or ("layer", "model")),
-        methods=args.method, force=args.force)
+        methods=args.method, force=args.force, limit_s=args.limit, batch_size=args.batch_size,
+        offload_run=not args.no_offload_run)
 
 
 if __name__ == "__main__":

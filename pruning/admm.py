@@ -135,15 +135,19 @@ def admm_solve_group(weights: list[torch.Tensor], system: AdmmSystem, rules: lis
     with matmul_precision(matmul, w_hat.device):
         # V = A⁻¹ (B + ρ(Z − U)) with B = (Ĝ + λI) Ŵ  is  C + ρ A⁻¹ (Z − U),  C = A⁻¹ B.
         c = system.solve(system.gram_hat @ w_hat)
-        v, u = w_hat, torch.zeros_like(w_hat)
+        # Four preallocated buffers, updated in place: on the CPU every fresh large
+        # tensor costs page faults, which made the elementwise work slower than the GEMM.
+        v, u = w_hat.clone(), torch.zeros_like(w_hat)
+        w, z = torch.empty_like(w_hat), torch.empty_like(w_hat)
         for step in range(iters):
-            w = v + u
+            torch.add(v, u, out=w)                       # W = V + U
             for (lo, hi), rule in zip(bounds, rules):
                 if rule.fixed is None and step < rule.mask_steps:
                     mask_t[:, lo:hi] = _choose_mask(w[:, lo:hi].abs(), rule, step, select_path)
-            z = w * mask_t
-            u = w - z                      # = U + V − Z
-            v = torch.addmm(c, system.inverse, z - u, alpha=rho)
+            torch.mul(w, mask_t, out=z)                  # Z = W ⊙ M
+            torch.sub(w, z, out=u)                       # U ← U + V − Z = W − Z
+            z.sub_(u)                                    # Z − U
+            torch.addmm(c, system.inverse, z, alpha=rho, out=v)
     final = ((v + u) * mask_t).t() / scale[None, :]
     kept = mask_t.t() > 0
     return [(final[lo:hi].contiguous(), kept[lo:hi].contiguous()) for lo, hi in bounds]

@@ -77,7 +77,10 @@ def test_speed_tiny_writes_records_and_resumes(tmp_path, capsys):
     assert saved == records
     layer = [r for r in saved if r["scope"] == "layer"]
     model = [r for r in saved if r["scope"] == "model"]
-    assert {r["method"] for r in model} == set(speed.METHODS)
+    assert {r["method"] for r in model} == set(speed.METHODS) | {speed.METHODS[0] + "+offload"}
+    for r in model:
+        assert set(r["phase_seconds"]) == {"capture", "gram", "solve", "propagate"}
+        assert r["host_peak_gib"] > 0
     assert {r["method"] for r in layer} == set(speed.METHODS) | set(speed.LAYER_EXTRA)
     assert len(layer) == 4 * (len(speed.PROFILES["tiny"].shapes) + len(speed.PROFILES["tiny"].sweep_d_in))
     for r in saved:
