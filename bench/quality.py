@@ -13,7 +13,8 @@ protocol), so a grid can be finished over several sittings. --force redoes them.
 Block-0 inputs are captured once per run from the dense model and reused for every
 method (capture depends only on the dense model and the calibration ids); each
 method prunes a fresh deep copy of the dense model. Grams and solves are fp32 in
-every profile (TF32 off); the paper profile keeps the model itself in fp16.
+every profile (TF32 off) except the admm-grad-tf32 variant, whose solve GEMMs run in
+TF32 (emulated on a CPU); the paper profile keeps the model itself in fp16.
 
 Imports only torch, transformers, pyarrow and `pruning` (runs on the GPU machine).
 """
@@ -23,6 +24,7 @@ import argparse
 import copy
 import gc
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,6 +86,8 @@ VARIANTS = {  # admm-grad beyond the paper, each measured against plain admm-gra
     "admm-grad-constant": dict(options={"schedule": "constant"}),
     "admm-grad-tseq": dict(true_sequential=True),
     "admm-grad-fp64": dict(options={"solve_dtype": "float64"}),
+    # TF32 GEMMs in the solve; on the CPU emulated (see emulated_tf32).
+    "admm-grad-tf32": dict(options={"matmul": "tf32"}),
     "admm-grad-owl": dict(owl=True),
 }
 
@@ -99,7 +103,7 @@ def grid() -> list[Run]:
     runs = [Run("dense", "dense", "unstructured", 0.0)]
     runs += base("unstructured", 0.5) + base("2:4", 0.5)
     runs += variants("unstructured", 0.5, ["admm-grad-constant", "admm-grad-tseq", "admm-grad-owl",
-                                           "admm-grad-fp64"])
+                                           "admm-grad-fp64", "admm-grad-tf32"])
     for s in (0.6, 0.7, 0.8):
         runs += base("unstructured", s)
     runs += base("4:8", 0.5)
@@ -109,6 +113,33 @@ def grid() -> list[Run]:
              Run("sparsegpt-owl", "sparsegpt", "unstructured", 0.7, owl=True)]
     runs += variants("unstructured", 0.8, ["admm-grad-owl", "admm-grad-tseq"])
     return runs
+
+
+def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> the nearest value with TF32's 10-bit mantissa (ties away from zero)."""
+    bits = x.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+@contextmanager
+def emulated_tf32():
+    """On a CPU, the solve's GEMMs as TF32 tensor cores compute them: operands rounded
+    to TF32, products summed in fp32. Patches AdmmSystem.start/step for the duration."""
+    from pruning.admm import AdmmSystem
+
+    start, step = AdmmSystem.start, AdmmSystem.step
+
+    def tf32_start(self, w_hat):
+        return round_to_tf32(self.inverse) @ round_to_tf32(round_to_tf32(self.gram_hat) @ round_to_tf32(w_hat))
+
+    def tf32_step(self, c, z_minus_u, out):
+        torch.addmm(c, round_to_tf32(self.inverse), round_to_tf32(z_minus_u), alpha=self.rho, out=out)
+
+    AdmmSystem.start, AdmmSystem.step = tf32_start, tf32_step
+    try:
+        yield
+    finally:
+        AdmmSystem.start, AdmmSystem.step = start, step
 
 
 def load_eval_data(data_dir: Path, tokenizer, profile: Profile):
@@ -122,11 +153,13 @@ def load_eval_data(data_dir: Path, tokenizer, profile: Profile):
 
 
 def run_grid(profile_name: str, *, out: Path, data_dir: Path, device: str, only: list[str] | None = None,
-             force: bool = False, progress: bool = False, cache_dir: str | None = None) -> list[dict]:
+             force: bool = False, progress: bool = False, cache_dir: str | None = None,
+             settings: list[str] | None = None) -> list[dict]:
     profile = PROFILES[profile_name]
     protocol = profile.protocol(device)
     results = ResultFile(out, KEY)
-    todo = [r for r in grid() if (not only or r.name in only)]
+    todo = [r for r in grid() if (not only or r.name in only)
+            and (not settings or r.method == "dense" or f"{r.pattern}:{r.sparsity:g}" in settings)]
     todo = [r for r in todo if force or not results.has(model=profile.model, method=r.name, pattern=r.pattern,
                                                            sparsity=r.sparsity, protocol=protocol)]
     print(f"{len(todo)} record(s) to measure ({protocol}) -> {out}", flush=True)
@@ -159,7 +192,11 @@ def run_grid(profile_name: str, *, out: Path, data_dir: Path, device: str, only:
                 prune_seconds += owl_seconds
                 extra["owl_block_sparsity"] = [round(o["sparsity"], 4) for o in spec.block_overrides.values()]
             model = copy.deepcopy(dense)
-            result = prune_model(model, None, spec, device=device, progress=progress, inputs=inputs)
+            emulate = run.options.get("matmul") == "tf32" and not device.startswith("cuda")
+            if emulate:
+                extra["matmul"] = "tf32 emulated on the CPU (operands rounded to a 10-bit mantissa)"
+            with emulated_tf32() if emulate else nullcontext():
+                result = prune_model(model, None, spec, device=device, progress=progress, inputs=inputs)
             prune_seconds += result.seconds
             stats = result.layers
         wiki_ppl = perplexity(model, wiki, device=device, progress=progress, desc="wikitext2")
@@ -194,6 +231,8 @@ def main(argv=None) -> None:
     parser.add_argument("--data-dir", type=Path, default=REPO / "data")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--only", action="append", help="method name(s) of the grid to run")
+    parser.add_argument("--setting", action="append",
+                        help="pattern:sparsity of the grid to run, e.g. unstructured:0.5 (repeatable)")
     parser.add_argument("--cache-dir", default=None, help="where the converted model is cached")
     parser.add_argument("--force", action="store_true", help="redo records already in the JSON")
     parser.add_argument("--progress", action="store_true")
@@ -201,7 +240,7 @@ def main(argv=None) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     profile = args.profile or ("paper" if device.startswith("cuda") else "cpu")
     run_grid(profile, out=args.out, data_dir=args.data_dir, device=device, only=args.only,
-             force=args.force, progress=args.progress, cache_dir=args.cache_dir)
+             force=args.force, progress=args.progress, cache_dir=args.cache_dir, settings=args.setting)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,14 @@ class AdmmSystem:
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
         return self.inverse @ rhs
 
+    def start(self, w_hat: torch.Tensor) -> torch.Tensor:
+        """C = A⁻¹ B with B = (Ĝ + λI) Ŵ: the part of every V-update that never changes."""
+        return self.solve(self.gram_hat @ w_hat)
+
+    def step(self, c: torch.Tensor, z_minus_u: torch.Tensor, out: torch.Tensor) -> None:
+        """out = A⁻¹ (B + ρ (Z − U)) = C + ρ A⁻¹ (Z − U): the one GEMM of an iteration."""
+        torch.addmm(c, self.inverse, z_minus_u, alpha=self.rho, out=out)
+
 
 @dataclass
 class MaskRule:
@@ -119,7 +127,7 @@ def admm_solve_group(weights: list[torch.Tensor], system: AdmmSystem, rules: lis
 
     Returns [(new weight in the system's dtype, bool mask)] in the order given.
     """
-    scale, rho = system.scale, system.rho
+    scale = system.scale
     dtype = system.inverse.dtype
     # Everything in the loop is contiguous (d_in, Σ d_out) and the mask is a float
     # multiplier: mixed layouts and bool casts made the elementwise work ~2x slower.
@@ -133,8 +141,7 @@ def admm_solve_group(weights: list[torch.Tensor], system: AdmmSystem, rules: lis
         if rule.fixed is not None:
             mask_t[:, lo:hi] = rule.fixed.t().to(mask_t)
     with matmul_precision(matmul, w_hat.device):
-        # V = A⁻¹ (B + ρ(Z − U)) with B = (Ĝ + λI) Ŵ  is  C + ρ A⁻¹ (Z − U),  C = A⁻¹ B.
-        c = system.solve(system.gram_hat @ w_hat)
+        c = system.start(w_hat)
         # Four preallocated buffers, updated in place: on the CPU every fresh large
         # tensor costs page faults, which made the elementwise work slower than the GEMM.
         v, u = w_hat.clone(), torch.zeros_like(w_hat)
@@ -147,7 +154,7 @@ def admm_solve_group(weights: list[torch.Tensor], system: AdmmSystem, rules: lis
             torch.mul(w, mask_t, out=z)                  # Z = W ⊙ M
             torch.sub(w, z, out=u)                       # U ← U + V − Z = W − Z
             z.sub_(u)                                    # Z − U
-            torch.addmm(c, system.inverse, z, alpha=rho, out=v)
+            system.step(c, z, out=v)                     # V = A⁻¹ (B + ρ (Z − U))
     final = ((v + u) * mask_t).t() / scale[None, :]
     kept = mask_t.t() > 0
     return [(final[lo:hi].contiguous(), kept[lo:hi].contiguous()) for lo, hi in bounds]

@@ -119,3 +119,9 @@ def test_owl_block_overrides_on_a_model():
     values = [overrides[i]["sparsity"] for i in range(4)]
     assert abs(sum(values) / 4 - 0.6) < 1e-9
     assert all(0.52 - 1e-12 <= v <= 0.68 + 1e-12 for v in values)
+
+
+def test_tf32_rounding_keeps_ten_mantissa_bits():
+    x = torch.tensor([1.0, 1.0 + 2 ** -10, 1.0 + 2 ** -11 + 2 ** -12, 1.0 + 2 ** -12, -3.0000001])
+    out = quality.round_to_tf32(x)
+    assert out.tolist() == [1.0, 1.0 + 2 ** -10, 1.0 + 2 ** -10, 1.0, -3.0]
