@@ -39,11 +39,19 @@ class GramCollector(LinearTap):
         self.grams: dict[str, torch.Tensor] = {}
         self.order: list[str] = []      # layer names in the order the forward reaches them
         self._inputs_this_forward: list[tuple[torch.Tensor, str]] = []
+        self._seen: set[str] = set()    # layers whose input this batch has shown
 
     def new_batch(self) -> None:
         self._inputs_this_forward = []
+        self._seen: set[str] = set()
+
+    def finished(self) -> bool:
+        # The first batch runs to the end: it is what tells the layer order and groups.
+        needed = self.linears.keys() if self.active is None else self.active
+        return len(self.order) == len(self.linears) and self._seen >= set(needed)
 
     def observe(self, name: str, x: torch.Tensor) -> None:
+        self._seen.add(name)
         leader = next((lead for seen, lead in self._inputs_this_forward if seen is x), None)
         if leader is None:
             self._inputs_this_forward.append((x, name))

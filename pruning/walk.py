@@ -52,10 +52,24 @@ class LinearTap:
     def observe(self, name: str, x: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def finished(self) -> bool:
+        """True once this batch has shown the tap every input it needs; a walk that
+        keeps no outputs then stops the batch there (e.g. before down_proj runs)."""
+        return False
+
+
+class _BatchDone(Exception):
+    pass
+
 
 @contextmanager
-def tapped(taps: list[LinearTap]):
-    handles = [module.register_forward_pre_hook(lambda mod, args, t=tap, n=name: t.observe(n, args[0]))
+def tapped(taps: list[LinearTap], stop_when_finished: bool = False):
+    def hook(tap, name, x):
+        tap.observe(name, x)
+        if stop_when_finished and all(t.finished() for t in taps):
+            raise _BatchDone
+
+    handles = [module.register_forward_pre_hook(lambda mod, args, t=tap, n=name: hook(t, n, args[0]))
                for tap in taps for name, module in tap.linears.items()]
     try:
         yield
@@ -68,12 +82,17 @@ def tapped(taps: list[LinearTap]):
 def walk_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall, *, batch_size: int,
                taps: list[LinearTap] = (), write_back: bool = False) -> None:
     """Run `block` over all samples of `hidden` (N, seqlen, d) in batches, with `taps`
-    watching. With `write_back`, each batch's outputs replace its inputs in `hidden`."""
-    with tapped(list(taps)):
+    watching. With `write_back`, each batch's outputs replace its inputs in `hidden`;
+    without, a batch stops as soon as every tap has what it needs."""
+    taps = list(taps)
+    with tapped(taps, stop_when_finished=bool(taps) and not write_back):
         for rows in batch_slices(hidden.shape[0], batch_size):
             for tap in taps:
                 tap.new_batch()
-            out = run_block(block, hidden[rows], call)
+            try:
+                out = run_block(block, hidden[rows], call)
+            except _BatchDone:
+                continue
             if write_back:
                 hidden[rows] = out
 

@@ -158,3 +158,29 @@ def test_cuda_solver_never_syncs_with_the_host():
             admm_solve(weight.cuda(), system, **rule)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_gram_walk_stops_each_batch_after_the_last_input_it_needs():
+    """The Gram pass never runs down_proj (its output is unused), yet its Grams equal a
+    full forward's. Catches: stopping before the last layer's input was recorded."""
+    model, _ = build_tiny_model("llama")
+    ids = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(0))
+    inputs = capture_block_inputs(model, ids)
+    block = decoder_layers(model)[0]
+    calls = []
+    handle = block.mlp.down_proj.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        collector = GramCollector(block_linears(block))
+        walk_block(block, inputs.hidden, inputs.calls[0], batch_size=2, taps=[collector])
+    finally:
+        handle.remove()
+    assert calls == []
+    with torch.no_grad():
+        h = inputs.hidden
+        attn = block.self_attn(block.input_layernorm(h), position_embeddings=inputs.calls[0].kwargs.get(
+            "position_embeddings"), attention_mask=inputs.calls[0].kwargs.get("attention_mask"))[0]
+        mid = h + attn
+        x = block.post_attention_layernorm(mid)
+        act = block.mlp.act_fn(block.mlp.gate_proj(x)) * block.mlp.up_proj(x)
+        act = act.reshape(-1, act.shape[-1])
+    torch.testing.assert_close(collector.gram_of("mlp.down_proj"), act.T @ act, rtol=1e-4, atol=1e-3)
