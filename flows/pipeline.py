@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from . import prefect_env  # noqa: F401  (settings before prefect is imported)
 
+import logging
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.logging.handlers import APILogHandler
 
 from stages.workspace_lock import TOKEN_ENV, WorkspaceLock
 
@@ -37,11 +39,22 @@ def stage_task(stage: str, workspace: str, token: str, force: bool = False) -> d
 def log_stage_output(logger, run: StageRun) -> None:
     """The stage's own output (DVC's decision, the stage's perplexities, timings and
     what it reused or restored, progress bars in their final state) in the task's
-    log, then the one-line summary."""
+    log, then the one-line summary on `logger` (the run logger: console and API)."""
     lines = readable_output(run.output)
     if lines:
-        logger.info("output of stage %s:\n%s", run.stage, "\n".join(lines))
+        api_only_logger().info("output of stage %s:\n%s", run.stage, "\n".join(lines))
     logger.info("stage %s: %s (%.1f s)", run.stage, describe(run), run.seconds)
+
+
+def api_only_logger() -> logging.Logger:
+    """A logger whose records reach the Prefect API (the current task's log in the UI)
+    but not the console: the console already showed the stage's output live."""
+    logger = logging.getLogger("admm_prune.stage_output")
+    if not logger.handlers:
+        logger.addHandler(APILogHandler())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
 
 
 def describe(run: StageRun) -> str:
