@@ -91,10 +91,11 @@ def run_workspace(repo: Path, params_text: str, sets: list[str]):
 
 
 def run_combination(repo: Path, params_text: str, sets: list[str], name: str, threads: int, logger) -> dict:
-    """One sweep run, stage by stage, logging its progress; raises on a failed stage
-    (after logging which stage failed)."""
+    """One sweep run, stage by stage, logging its progress to `logger` (the task's
+    run logger: its records carry the run's name); raises on a failed stage after
+    logging which stage failed."""
     start = time.perf_counter()
-    logger.info("%s: started (%s)", name, " ".join(sets))
+    logger.info("started: %s", " ".join(sets))
     stage = "setup"
     try:
         with run_workspace(repo, params_text, sets) as worktree:
@@ -104,21 +105,22 @@ def run_combination(repo: Path, params_text: str, sets: list[str], name: str, th
                    "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
             runs = []
             for stage in STAGES:
-                logger.info("%s: stage %s ...", name, stage)
+                logger.info("stage %s ...", stage)
                 runs.append(repro_stage(worktree, stage, env=env, echo=False))
                 log_stage_output(logger, runs[-1])
             stage = "dvc exp save"
             saved = save_run(worktree, name, serialize_on=repo / ".dvc" / "tmp" / "admm-prune-exp-save.lock")
             metrics = json.loads((worktree / "metrics" / "eval.json").read_text())
     except Exception as err:
-        logger.error("%s: failed at stage %s after %.0f s: %s", name, stage, time.perf_counter() - start,
+        logger.error("failed at stage %s after %.0f s: %s", stage, time.perf_counter() - start,
                      str(err).splitlines()[0] if str(err) else type(err).__name__)
         raise
     seconds = round(time.perf_counter() - start, 1)
     ran = [r.stage for r in runs if not r.cached]
-    logger.info("%s: finished in %.0f s; ran %s; wikitext2 ppl %.3f (dense %s)", name, seconds,
+    logger.info("finished in %.0f s; ran %s; wikitext2 ppl %.3f (dense %s)", seconds,
                 ", ".join(ran) or "nothing", metrics["wikitext2_ppl"], metrics.get("dense_wikitext2_ppl"))
-    return {"status": "finished", "experiment": saved, "ran": ran, "metrics": metrics, "seconds": seconds}
+    return {"status": "finished", "experiment": name if saved else None, "ran": ran, "metrics": metrics,
+            "seconds": seconds}
 
 
 @task(name="sweep-run", cache_policy=NO_CACHE, persist_result=False, task_run_name="{name}")

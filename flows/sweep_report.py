@@ -57,6 +57,7 @@ def ppl_vs_sparsity_figure(rows: list[dict], model: str):
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogFormatter
 
     done = [r for r in rows if r["status"] == "finished"]
     fig, axes = plt.subplots(1, len(DATASETS), figsize=(11, 4.2), squeeze=False)
@@ -72,6 +73,9 @@ def ppl_vs_sparsity_figure(rows: list[dict], model: str):
         if dense:
             ax.axhline(dense[0], color="black", ls="--", lw=1, label="dense")
         ax.set_yscale("log")
+        # Plain numbers (274, not 2.74x10^2), on the minor ticks too when the range is narrow.
+        ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
         ax.set_xlabel("sparsity")
         ax.set_ylabel(f"{title} perplexity")
         ax.set_title(f"{model}: {title}", fontsize=10)
