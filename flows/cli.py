@@ -68,11 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--dask-address", help="use this Dask scheduler (e.g. tcp://host:8786) instead of a local cluster")
 
     serve = sub.add_parser("serve", help="serve a cron-scheduled deployment of the pipeline flow")
-    serve.add_argument("--cron", default="0 3 * * *", help='cron schedule (default "0 3 * * *")')
-    serve.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
-    serve.add_argument("--force", action="append", default=[], metavar="STAGE")
-    serve.add_argument("--name", default="admm-prune-scheduled", help="deployment name")
+    serve_arguments(serve)
     return parser
+
+
+def serve_arguments(serve: argparse.ArgumentParser) -> None:
+    """`serve` takes what `run` takes, applied by every scheduled run."""
+    serve.add_argument("--cron", default="0 3 * * *", help='cron schedule (default "0 3 * * *")')
+    serve.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a param in params.yaml at every scheduled run, e.g. "
+                            "model.source=<new model> (repeatable)")
+    serve.add_argument("--profile", help="apply params-<PROFILE>.yaml at every scheduled run (paper, tiny)")
+    serve.add_argument("--force", action="append", default=[], metavar="STAGE",
+                       help="rerun this stage at every scheduled run even if DVC thinks it is up to date, "
+                            "e.g. `model` for a model directory whose contents change (repeatable)")
+    serve.add_argument("--name", default="admm-prune-scheduled", help="deployment name")
 
 
 # ---------------------------------------------------------------- output
@@ -161,20 +171,29 @@ def cmd_runs(args, workspace: Path) -> int:
     return 0
 
 
+SWEEP_TABLE_COLUMNS = ("model", "method", "sparsity", "pattern", "dense_wikitext2_ppl", "pruned_wikitext2_ppl",
+                       "dense_c4_ppl", "pruned_c4_ppl", "status", "seconds", "experiment")
+
+
 def cmd_sweep(args, workspace: Path) -> int:
     from .history import format_table
     from .sweep import run_sweep
-    results = run_sweep(str(workspace), args.models, args.methods, args.sparsities, args.sets,
-                        workers=args.workers, address=args.dask_address)
-    print(format_table([{**{k: r[k] for k in ("name", "wikitext2_ppl", "c4_ppl", "sparsity", "seconds")},
-                         "stages run": ",".join(r["ran"]) or "none"} for r in results]))
+    rows = run_sweep(str(workspace), args.models, args.methods, args.sparsities, args.sets,
+                     workers=args.workers, address=args.dask_address)
+    print()
+    print(format_table([{k: r[k] for k in SWEEP_TABLE_COLUMNS} for r in rows]))
     print("\nall runs: `admm-prune runs` or `dvc exp show`; bring one into the workspace: `dvc exp apply <name>`")
+    failed = [r["run"] for r in rows if r["status"] != "finished"]
+    if failed:
+        print(f"error: {len(failed)} of {len(rows)} sweep runs failed: {', '.join(failed)} "
+              "(their Prefect task logs say at which stage)", file=sys.stderr)
+        return EXIT_STAGE
     return 0
 
 
 def cmd_serve(args, workspace: Path) -> int:
     from .deploy import serve
-    serve(str(workspace), args.cron, args.sets, args.name, args.force)
+    serve(str(workspace), args.cron, args.sets, args.name, args.force, profile=args.profile)
     return 0
 
 

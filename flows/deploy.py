@@ -20,19 +20,20 @@ from .pipeline import pipeline_flow
 
 
 def build_deployment(workspace: str = ".", cron: str = "0 3 * * *", sets: list[str] | None = None,
-                     name: str = "admm-prune-scheduled", force: list[str] | None = None):
+                     name: str = "admm-prune-scheduled", force: list[str] | None = None,
+                     profile: str | None = None):
     """A RunnerDeployment of the pipeline flow with a cron schedule (not yet served)."""
     return pipeline_flow.to_deployment(
         name=name, cron=cron,
         parameters={"workspace": str(Path(workspace).resolve()), "sets": list(sets or []),
-                    "force": list(force or [])},
+                    "force": list(force or []), "profile": profile},
         description="Re-run the ADMM pruning pipeline; DVC reruns only what changed.",
         tags=["admm-prune"])
 
 
 def serve(workspace: str = ".", cron: str = "0 3 * * *", sets: list[str] | None = None,
-          name: str = "admm-prune-scheduled", force: list[str] | None = None) -> None:
+          name: str = "admm-prune-scheduled", force: list[str] | None = None, profile: str | None = None) -> None:
     """Serve the deployment in this process until interrupted (needs a Prefect API
     that outlives it: `prefect server start`, then PREFECT_API_URL)."""
     from prefect import serve as prefect_serve
-    prefect_serve(build_deployment(workspace, cron, sets, name, force))
+    prefect_serve(build_deployment(workspace, cron, sets, name, force, profile))

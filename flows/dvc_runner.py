@@ -14,7 +14,7 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 STAGES = ("model", "calibrate", "prune", "convert", "evaluate", "report")
@@ -38,13 +38,14 @@ class StageRun:
     stage: str
     outcome: str          # ran | skipped | restored
     seconds: float
+    output: str = field(default="", repr=False)  # what DVC and the stage printed
 
     @property
     def cached(self) -> bool:
         return self.outcome in (SKIPPED, RESTORED)
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "cached": self.cached}
+        return {"stage": self.stage, "outcome": self.outcome, "seconds": self.seconds, "cached": self.cached}
 
 
 def dvc_executable() -> list[str]:
@@ -109,6 +110,14 @@ def _echo_complete(data: bytes) -> bytes:
     return data[cut + 1:]
 
 
+def readable_output(output: str) -> list[str]:
+    """The lines worth keeping in a log: each progress bar in its final state (the
+    text after its last carriage return), without DVC's hints and blank lines."""
+    lines = [line.rstrip("\r").rsplit("\r", 1)[-1].rstrip() for line in output.split("\n")]
+    hints = tuple(hint.decode() for hint in _HINTS)
+    return [line for line in lines if line.strip() and not line.strip().startswith(hints)]
+
+
 def _echo(chunk: bytes) -> None:
     out = sys.stdout
     if hasattr(out, "buffer"):
@@ -132,7 +141,7 @@ def repro_stage(workspace: str | Path, stage: str, env: dict | None = None, echo
     if outcome is None:
         raise StageFailed(stage, code, "DVC said neither 'Running stage', 'didn't change' nor "
                                        f"'is cached' for this stage:\n{output[-2000:]}")
-    return StageRun(stage, outcome, round(time.perf_counter() - start, 2))
+    return StageRun(stage, outcome, round(time.perf_counter() - start, 2), output)
 
 
 def repro_all(workspace: str | Path, env: dict | None = None, echo: bool = True) -> list[StageRun]:

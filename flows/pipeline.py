@@ -4,7 +4,8 @@ Each task runs `dvc repro --single-item <stage>`, so DVC alone decides whether t
 stage is skipped, restored from its run-cache or run (Prefect's own caching is off:
 its input hashing is unstable for our artifacts and it cannot see a deleted output).
 A failed stage is retried; the flow logs which stages ran and which came from the
-cache, and publishes the metrics table and the Markdown report as Prefect artifacts.
+cache, and publishes the metrics table and the Markdown report (its plots embedded)
+as Prefect artifacts. Each stage's own output goes to its task's log.
 The whole run holds the workspace lock, so a second pipeline is refused instead of
 interleaving its stages with ours.
 """
@@ -12,15 +13,18 @@ from __future__ import annotations
 
 from . import prefect_env  # noqa: F401  (settings before prefect is imported)
 
+import logging
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.logging.handlers import APILogHandler
 
 from stages.workspace_lock import TOKEN_ENV, WorkspaceLock
 
-from .dvc_runner import StageRun, repro_stage
+from .artifacts import publish_markdown_file
+from .dvc_runner import StageRun, readable_output, repro_stage
 from .workspace import prepare_params, run_stages, summary_table
 
 
@@ -28,8 +32,29 @@ from .workspace import prepare_params, run_stages, summary_table
       task_run_name="{stage}")
 def stage_task(stage: str, workspace: str, token: str, force: bool = False) -> dict:
     run = repro_stage(workspace, stage, env={TOKEN_ENV: token}, force=force)
-    get_run_logger().info("stage %s: %s (%.1f s)", stage, describe(run), run.seconds)
+    log_stage_output(get_run_logger(), run)
     return run.as_dict()
+
+
+def log_stage_output(logger, run: StageRun) -> None:
+    """The stage's own output (DVC's decision, the stage's perplexities, timings and
+    what it reused or restored, progress bars in their final state) in the task's
+    log, then the one-line summary on `logger` (the run logger: console and API)."""
+    lines = readable_output(run.output)
+    if lines:
+        api_only_logger().info("output of stage %s:\n%s", run.stage, "\n".join(lines))
+    logger.info("stage %s: %s (%.1f s)", run.stage, describe(run), run.seconds)
+
+
+def api_only_logger() -> logging.Logger:
+    """A logger whose records reach the Prefect API (the current task's log in the UI)
+    but not the console: the console already showed the stage's output live."""
+    logger = logging.getLogger("admm_prune.stage_output")
+    if not logger.handlers:
+        logger.addHandler(APILogHandler())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
 
 
 def describe(run: StageRun) -> str:
@@ -44,8 +69,7 @@ def publish(workspace: Path, runs: list[dict]) -> None:
                               description=f"dense vs pruned ({workspace})")
     report = workspace / "reports" / "report.md"
     if report.is_file():
-        create_markdown_artifact(key="admm-prune-report", markdown=report.read_text(encoding="utf-8"),
-                                 description=f"pipeline report ({workspace})")
+        publish_markdown_file("admm-prune-report", report, description=f"pipeline report ({workspace})")
     create_table_artifact(key="admm-prune-stages", table=runs, description="what DVC did with each stage")
 
 

@@ -22,7 +22,8 @@ from .artifact_io import read_csv, read_json, write_json
 from .hashing import code_fingerprint, hash_json, library_fingerprint, tree_manifest
 from .params import LOCAL_TEXT_SUFFIXES, load_params
 from .paths import (CALIBRATION_DIR, CONVERT_METRICS, CONVERTED_DIR, EVAL_LAYERS_PLOT, EVAL_METRICS,
-                    MODEL_DIR, MODEL_SOURCE_JSON, PRUNE_LAYERS_PLOT, PRUNE_METRICS, PRUNED_DIR, REPORT_DIR)
+                    MODEL_DIR, MODEL_SOURCE_JSON, PRUNE_LAYERS_PLOT, PRUNE_LOG, PRUNE_METRICS, PRUNED_DIR,
+                    REPORT_DIR)
 from .runtime import main_wrapper, say
 
 STAGE = "report"
@@ -72,35 +73,116 @@ def input_artifacts(params: dict) -> dict:
     return out
 
 
-def plot_layers(prune_rows: list[dict], eval_rows: list[dict], out_dir: Path) -> list[str]:
-    """One line per layer kind (q_proj, ..., down_proj) across the blocks."""
+def layer_targets(prune_log: dict) -> dict[str, float]:
+    """Target sparsity of every pruned layer (full name), from the settings the prune
+    stage resolved per block (an N:M pattern without a sparsity targets 1 - N/M)."""
+    from pruning.masks import parse_pattern
+
+    targets = {}
+    for layer in prune_log["layers"]:
+        in_block = prune_log["block_settings"][int(layer["block"])]["layers"]
+        settings = next(v for k, v in in_block.items() if layer["name"].endswith("." + k))
+        nm = parse_pattern(settings["pattern"])
+        targets[layer["name"]] = settings["sparsity"] if settings["sparsity"] is not None else 1 - nm[0] / nm[1]
+    return targets
+
+
+SPARSITY_TOLERANCE = 0.005  # |achieved - target| below this counts as "on target"
+
+
+def sparsity_rows(prune_rows: list[dict], eval_rows: list[dict], targets: dict[str, float]) -> list[dict]:
+    """Per pruned layer: block, layer, achieved sparsity (measured by evaluate), target."""
+    block_of = {row["layer"]: int(row["block"]) for row in prune_rows}
+    return [{"block": block_of[row["layer"]], "layer": row["layer"], "sparsity": float(row["sparsity"]),
+             "target": targets[row["layer"]]} for row in eval_rows]
+
+
+def uniform_sparsity(rows: list[dict]) -> float | None:
+    """The common sparsity when every layer has one target and meets it (a plot of it
+    would be a flat line); None otherwise."""
+    targets = {round(r["target"], 6) for r in rows}
+    if len(targets) == 1 and all(abs(r["sparsity"] - r["target"]) < SPARSITY_TOLERANCE for r in rows):
+        return targets.pop()
+    return None
+
+
+def _by_kind(rows: list[dict], key: str) -> dict[str, list[tuple[int, float]]]:
+    """Points (block, value) per layer kind (q_proj, ..., down_proj)."""
+    kinds: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        kinds.setdefault(row["layer"].rsplit(".", 1)[-1], []).append((int(row["block"]), float(row[key])))
+    return dict(sorted(kinds.items()))
+
+
+def _block_axes(figsize=(10, 4)):
+    """A figure whose x axis is the decoder block, with integer ticks only."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    block_of = {row["layer"]: int(row["block"]) for row in prune_rows}
+    fig, ax = plt.subplots(figsize=figsize)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("decoder block")
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def _legend_below(ax, n: int) -> None:
+    ax.legend(fontsize=7, ncol=min(n, 7), loc="upper center", bbox_to_anchor=(0.5, -0.15))
+
+
+def error_figure(prune_rows: list[dict]):
+    """Relative output error of every layer, one line per layer kind across the blocks."""
+    fig, ax = _block_axes()
+    kinds = _by_kind(prune_rows, "rel_error")
+    for kind, pts in kinds.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=0.8, label=kind)
+    ax.set_yscale("log")
+    ax.set_ylabel("relative output error ‖XΔWᵀ‖²/‖XWᵀ‖²")
+    _legend_below(ax, len(kinds))
+    fig.tight_layout()
+    return fig
+
+
+def sparsity_figure(rows: list[dict]):
+    """Achieved sparsity per layer kind across the blocks, with every layer's target
+    as a black tick: overrides and layers that miss their target stand out."""
+    fig, ax = _block_axes()
+    kinds = _by_kind(rows, "sparsity")
+    for kind, pts in kinds.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=0.8, label=kind)
+    targets = sorted({(r["block"], round(r["target"], 6)) for r in rows})
+    ax.scatter([t[0] for t in targets], [t[1] for t in targets], marker="_", s=300, color="black",
+               label="target", zorder=3)
+    ax.set_ylabel("fraction of zero weights")
+    _legend_below(ax, len(kinds) + 1)
+    fig.tight_layout()
+    return fig
+
+
+def layer_plots(prune_rows: list[dict], eval_rows: list[dict], prune_log: dict, out_dir: Path) -> list[str]:
+    """Write the per-layer plots; return the report's Markdown lines for them.
+
+    layer_error.png always. layer_sparsity.png only when the sparsity varies across
+    layers or misses its target: for a uniform run it would be a flat line, so the
+    report states the one value instead."""
+    import matplotlib.pyplot as plt
+
+    rows = sparsity_rows(prune_rows, eval_rows, layer_targets(prune_log))
+    uniform = uniform_sparsity(rows)
+    figures = {"layer_error.png": error_figure(prune_rows)}
+    if uniform is None:
+        figures["layer_sparsity.png"] = sparsity_figure(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
-    figures = []
-    for name, rows, key, ylabel, log in (
-            ("layer_error.png", prune_rows, "rel_error", "relative output error ‖XΔWᵀ‖²/‖XWᵀ‖²", True),
-            ("layer_sparsity.png", eval_rows, "sparsity", "fraction of zero weights", False)):
-        fig, ax = plt.subplots(figsize=(10, 4))
-        kinds = sorted({r["layer"].rsplit(".", 1)[-1] for r in rows})
-        for kind in kinds:
-            pts = [(block_of.get(r["layer"], int(r["index"])), float(r[key]))
-                   for r in rows if r["layer"].endswith("." + kind)]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=0.8, label=kind)
-        if log:
-            ax.set_yscale("log")
-        ax.set_xlabel("decoder block")
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=7, ncol=min(len(kinds), 7), loc="upper center", bbox_to_anchor=(0.5, -0.15))
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
+    for name, fig in figures.items():
         fig.savefig(out_dir / name, dpi=110)
         plt.close(fig)
-        figures.append(name)
-    return figures
+    lines = [f"![{name}]({out_dir.name}/{name})" for name in figures]
+    if uniform is not None:
+        lines.append(f"Every one of the {len(rows)} pruned layers has its target sparsity "
+                     f"{uniform:.4f} (within {SPARSITY_TOLERANCE}), so there is no per-layer sparsity plot.")
+    return lines
 
 
 def _fmt(value, digits=3) -> str:
@@ -109,7 +191,7 @@ def _fmt(value, digits=3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def markdown(params: dict, source: dict, ev: dict, pr: dict, conv: dict, meta: dict, figures: list[str]) -> str:
+def markdown(params: dict, source: dict, ev: dict, pr: dict, conv: dict, meta: dict, plot_lines: list[str]) -> str:
     p, e = params["prune"], params["evaluate"]
     protocol = ("full protocol" if ev["protocol"] == "full"
                 else f"CPU subset, not the paper protocol: at most {e['max_windows']} windows per dataset")
@@ -139,7 +221,7 @@ def markdown(params: dict, source: dict, ev: dict, pr: dict, conv: dict, meta: d
         + f"; {len(pr['computed_blocks'])} of {pr['blocks']} blocks computed, {len(pr['reused_blocks'])} reused from the "
           f"block store; mean relative layer error {pr['mean_rel_error']:.4g}.",
         "",
-        *[f"![{name}](plots/{name})" for name in figures],
+        *plot_lines,
         "",
         "## Provenance",
         "",
@@ -181,8 +263,9 @@ def run() -> None:
         "metrics": {"evaluate": ev, "prune": pr, "convert": conv},
     }
     write_json(REPORT_DIR / "run_meta.json", meta)
-    figures = plot_layers(read_csv(PRUNE_LAYERS_PLOT), read_csv(EVAL_LAYERS_PLOT), REPORT_DIR / "plots")
-    (REPORT_DIR / "report.md").write_text(markdown(params, source, ev, pr, conv, meta, figures), encoding="utf-8")
+    plot_lines = layer_plots(read_csv(PRUNE_LAYERS_PLOT), read_csv(EVAL_LAYERS_PLOT),
+                             read_json(PRUNED_DIR / PRUNE_LOG), REPORT_DIR / "plots")
+    (REPORT_DIR / "report.md").write_text(markdown(params, source, ev, pr, conv, meta, plot_lines), encoding="utf-8")
     say(STAGE, f"report -> {REPORT_DIR / 'report.md'}, exported model -> {export}")
 
 

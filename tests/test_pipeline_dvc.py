@@ -50,6 +50,9 @@ def test_first_run_writes_metrics_report_and_loadable_model(repo):
     report = (repo / "reports" / "report.md").read_text()
     assert "| WikiText-2 perplexity |" in report
     assert (repo / "reports" / "plots" / "layer_error.png").stat().st_size > 1000
+    # A uniform run: no flat sparsity plot, the report states the value instead.
+    assert not (repo / "reports" / "plots" / "layer_sparsity.png").exists()
+    assert "has its target sparsity 0.5000" in report
 
     from transformers import AutoModelForCausalLM
     exported = AutoModelForCausalLM.from_pretrained(repo / "reports" / "model")
@@ -241,6 +244,9 @@ def test_override_of_the_last_block_recomputes_only_that_block(repo):
         layers = {row["layer"]: float(row["sparsity"]) for row in _csv(repo / "plots" / "eval_layers.csv")}
         assert layers["model.layers.3.mlp.down_proj"] == pytest.approx(0.7, abs=1e-3)
         assert layers["model.layers.2.mlp.down_proj"] == pytest.approx(0.5, abs=1e-3)
+        # Sparsity now varies across blocks: the report plots it against the targets.
+        assert (repo / "reports" / "plots" / "layer_sparsity.png").stat().st_size > 1000
+        assert "![layer_sparsity.png](plots/layer_sparsity.png)" in (repo / "reports" / "report.md").read_text()
     finally:
         set_params(repo, "prune.block_overrides={}")
         dvc(repo, "repro")
