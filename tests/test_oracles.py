@@ -4,7 +4,12 @@ is computed here from explicit tensors (plain model forwards, hand-written
 formulas), never by the code under test.
 
 Each test names the deliberate breakage it catches; each was applied by hand, seen
-to turn the test red, and reverted (see the commit message for the runs).
+to turn the test red, and reverted:
+1. propagation through a deepcopy of the dense block -> next_block_inputs red
+   ("block 1 sample 0" differs);
+2. sparsity_schedule's cubic made linear, s·(k+1)/K -> both schedule tests red;
+3. `_relative_error` returning num without / den -> rel_error test red;
+4. OWL's score |W| without ‖X‖ -> owl test red (4 of 4 blocks mismatch).
 """
 from fractions import Fraction
 
