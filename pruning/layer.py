@@ -7,6 +7,7 @@ from . import baselines
 from dataclasses import dataclass, field
 
 from .admm import MATMUL_PRECISIONS, AdmmSystem, MaskRule, admm_solve_group
+from .finite import located, require_finite
 from .masks import parse_pattern, select_mask
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "admm", "admm-grad")
@@ -153,7 +154,30 @@ def prune_layers(jobs: dict[str, LayerJob], gram: torch.Tensor, *, cache: dict |
     """
     cache = {} if cache is None else cache
     checked = {name: _check_job(job, gram) for name, job in jobs.items()}  # all, before any work
+    require_finite_layers(jobs, gram)
     gram = gram.to(next(iter(jobs.values())).weight.device)
+    with located(f"layers {', '.join(jobs)}"):
+        return _prune_checked(jobs, gram, checked, cache, select_path)
+
+
+def require_finite_layers(jobs: dict[str, LayerJob], gram: torch.Tensor) -> None:
+    """NaN or inf in a weight or in the shared Gram: refused before any solve, by name."""
+    for name, job in jobs.items():
+        require_finite_weight(name, job.weight)
+    require_finite_gram(list(jobs), gram)
+
+
+def require_finite_weight(name: str, weight: torch.Tensor) -> None:
+    require_finite(weight, f"weight of layer {name}",
+                   "the model's weights are damaged; check the checkpoint and its dtype")
+
+
+def require_finite_gram(names: list[str], gram: torch.Tensor) -> None:
+    require_finite(gram, f"Gram of the input of layers {', '.join(names)}",
+                   "these activations overflow or are damaged; load the model in bfloat16 or float32")
+
+
+def _prune_checked(jobs, gram, checked, cache, select_path):
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     admm_batches: dict[tuple, list[str]] = {}
     for name, job in jobs.items():

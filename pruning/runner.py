@@ -25,8 +25,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .finite import located, require_finite
 from .gram import GramCollector, exact_fp32_matmul
-from .layer import LayerJob, prune_layers, validate_settings
+from .layer import LayerJob, prune_layers, require_finite_gram, require_finite_weight, validate_settings
 from .masks import parse_pattern
 from .walk import DEFAULT_BATCH_SIZE, BlockCall, batch_slices, propagate, run_block, walk_block
 
@@ -331,17 +332,42 @@ def _prune_group(index, prefix, names, linears, gram, spec: PruneSpec) -> list[d
     return stats
 
 
+def _where(index: int, prefix: str) -> str:
+    return f"block {index} ({prefix}{index})"
+
+
+def _require_finite_weights(model: nn.Module) -> None:
+    """Every prunable weight, before any block is pruned: a damaged layer deep in the
+    model is refused at once, not after hours of solves."""
+    prefix = layers_prefix(model) + "."
+    for i, block in enumerate(decoder_layers(model)):
+        with located(_where(i, prefix)):
+            for name, linear in block_linears(block).items():
+                require_finite_weight(name, linear.weight)
+
+
+def _require_finite_block_inputs(where: str, hidden: torch.Tensor, collector: GramCollector) -> None:
+    """The block's input activations, then every Gram of the block, before its first solve."""
+    with located(where):
+        require_finite(hidden, "input activations (the previous block's outputs, or the embeddings "
+                               "for block 0)", "they overflow or are damaged; load the model in "
+                                               "bfloat16 or float32")
+        for group in collector.groups():
+            require_finite_gram(group, collector.gram_of(group[0]))
+
+
 def _prune_block(block, index, prefix, hidden, call, spec: PruneSpec, batch_size, clock) -> list[dict]:
     linears = block_linears(block)
     with clock("gram"):
         collector = _collect_grams(block, linears, hidden, call, batch_size)  # every Gram, from the dense block
+    _require_finite_block_inputs(_where(index, prefix), hidden, collector)
     stats = []
     for k, group in enumerate(collector.groups()):
         if spec.true_sequential and k > 0:
             # Later groups see the outputs of the groups already pruned in this block.
             with clock("gram"):
                 collector = _collect_grams(block, linears, hidden, call, batch_size, active={group[0]})
-        with clock("solve"):
+        with clock("solve"), located(_where(index, prefix)):
             stats.extend(_prune_group(index, prefix, group, linears, collector.gram_of(group[0]), spec))
     return stats
 
@@ -364,6 +390,7 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
     device = device or next(model.parameters()).device
     batch_slices(1, batch_size)  # refuse a bad batch size before any work
     spec.validate(model)
+    _require_finite_weights(model)
     model.eval()
     _place(model, device, offload)
     clock = _PhaseClock(device)

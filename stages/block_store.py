@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -30,9 +29,6 @@ from safetensors.torch import save_file
 from .hashing import hash_json, sha256_file
 
 STORE_FORMAT = 1
-# Fault injection for the resume test: the process kills itself (SIGKILL, no cleanup,
-# like an OOM kill) when it is about to compute this block.
-KILL_ENV = "ADMM_PRUNE_KILL_AT_BLOCK"
 
 
 def block_fingerprints(base: dict, block_settings: list[dict]) -> list[str]:
@@ -61,7 +57,6 @@ class FingerprintBlockStore:
     def load(self, index: int) -> tuple[dict[str, torch.Tensor], list[dict]] | None:
         tensors_path, meta_path = self._paths(index)
         if not meta_path.exists():
-            self._maybe_kill(index)
             return None
         try:
             meta = json.loads(meta_path.read_text())
@@ -75,7 +70,6 @@ class FingerprintBlockStore:
                      f"recomputing it")
             for path in (meta_path, tensors_path):
                 path.unlink(missing_ok=True)
-            self._maybe_kill(index)
             return None
         return state, stats
 
@@ -88,8 +82,3 @@ class FingerprintBlockStore:
         meta_tmp = meta_path.with_name(f"{meta_path.name}.{os.getpid()}.tmp")
         meta_tmp.write_text(json.dumps({"block": index, "sha256": digest, "stats": stats}, default=float))
         os.replace(meta_tmp, meta_path)  # the entry exists from this rename on
-
-    @staticmethod
-    def _maybe_kill(index: int) -> None:
-        if os.environ.get(KILL_ENV) == str(index):
-            os.kill(os.getpid(), signal.SIGKILL)
