@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from stages.paths import REPORT_DIR, REPORT_MD
 from stages.workspace_lock import TOKEN_ENV, WorkspaceLock
 
 from .dvc_runner import StageRun, repro_stage
@@ -42,7 +43,7 @@ def publish(workspace: Path, runs: list[dict]) -> None:
     if table:
         create_table_artifact(key="admm-prune-metrics", table=table,
                               description=f"dense vs pruned ({workspace})")
-    report = workspace / "reports" / "report.md"
+    report = workspace / REPORT_DIR / REPORT_MD
     if report.is_file():
         create_markdown_artifact(key="admm-prune-report", markdown=report.read_text(encoding="utf-8"),
                                  description=f"pipeline report ({workspace})")
