@@ -11,6 +11,8 @@ pruning.settings for a settings check, does not import torch or the rest.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 _EXPORTS = {
     "AdmmSystem": "admm", "admm_solve": "admm",
@@ -33,3 +35,16 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    # Importing the submodule pruning.perplexity binds it as the package attribute
+    # `perplexity`, over the function of that name: keep the function (the module
+    # stays in sys.modules["pruning.perplexity"]).
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
