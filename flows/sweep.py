@@ -34,7 +34,8 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from stages.params import check_all, load_params
+from stages.params import load_params
+from stages.preflight import check_all
 
 from .dvc_runner import repro_all, run_dvc
 from .history import save_run

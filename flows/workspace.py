@@ -6,7 +6,7 @@ import contextlib
 import json
 from pathlib import Path
 
-from stages.params import check_all
+from stages.preflight import check_all
 from stages.paths import EVAL_METRICS
 
 from .dvc_runner import STAGES
@@ -20,7 +20,7 @@ def _assignments(workspace: Path, sets: list[str] | None, profile: str | None) -
 
 def preflight(workspace: Path, sets: list[str] | None, profile: str | None) -> tuple[dict, list[str]]:
     """The params a run would use (params.yaml with --profile then --set applied in
-    memory), checked in full: stages.params.check_all, i.e. the static checks and the
+    memory), checked in full: stages.preflight.check_all, i.e. the static checks and the
     preflight against the data, the device and the model's config. Writes nothing;
     raises ParamError naming the key. Returns (params, changes)."""
     params, changes = apply_overrides(workspace / "params.yaml", _assignments(workspace, sets, profile), write=False)

@@ -69,13 +69,14 @@ def read_documents(path: str | Path, field: str = "text") -> list[str]:
         documents = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq
-        try:
-            names = pq.read_schema(path).names
+        try:  # ParquetFile, not read_table: read_table imports pandas (a second or two)
+            table = pq.ParquetFile(path)
+            names = table.schema_arrow.names
         except Exception as err:  # pyarrow raises several kinds for a damaged file
             raise SettingsError(("path",), f"{path} is not a readable parquet file ({err})") from None
         if field not in names:
             raise SettingsError(("text_field",), f"{path} has no column {field!r} (columns: {', '.join(names)})")
-        documents = pq.read_table(path, columns=[field]).column(field).to_pylist()
+        documents = table.read(columns=[field]).column(field).to_pylist()
     else:
         documents = _field_of(_records(path), path, field)
     bad = next((i for i, d in enumerate(documents) if not isinstance(d, str)), None)

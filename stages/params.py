@@ -7,8 +7,10 @@ The checks come in two steps, both before any stage does work:
   transformers, no data files read: milliseconds.
 - stages.preflight: what needs the data files or the model's config (data columns,
   CUDA, layer names and shapes, user masks, context length).
-check_all runs both; the CLI runs it before params.yaml is written, and each stage
-checks its own section again (a plain `dvc repro` does not go through the CLI).
+stages.preflight.check_all runs both; the CLI runs it before params.yaml is written,
+and each stage checks its own section again (a plain `dvc repro` does not go
+through the CLI). The stages never import the preflight: their code (and so their
+DVC deps) stays small.
 
 Every error is a SettingsError (ParamError here) whose path is the full key in
 params.yaml, so a user knows which line to fix. params.yaml is parsed as YAML 1.2
@@ -223,10 +225,3 @@ def check_static(params: dict) -> None:
     check_evaluate(params)
     check_convert(params)
 
-
-def check_all(params: dict) -> None:
-    """Everything, before any stage runs (the CLI and the flows call this): the static
-    checks first (fast), then the preflight (data files, device, model config)."""
-    check_static(params)
-    from .preflight import preflight
-    preflight(params)

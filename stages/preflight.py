@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .params import ParamError, prune_settings, section
+from .params import ParamError, check_static, prune_settings, section
 from .paths import MODEL_DIR, MODEL_SOURCE_JSON
 from .textdata import check_source
 
@@ -88,7 +88,8 @@ def _imported_config(source: str):
 
 
 def model_facts(source: str) -> ModelFacts:
-    from pruning.models import linear_shapes, load_config, max_context
+    from pruning.models import load_config, max_context
+    from pruning.shapes import linear_shapes
     from pruning.settings import SettingsError
 
     try:
@@ -128,9 +129,16 @@ def check_against_model(params: dict, facts: ModelFacts) -> None:
         raise err.within("prune") from None
 
 
+def check_all(params: dict) -> ModelFacts:
+    """Everything, before any stage runs (the CLI and the flows call this): the static
+    checks first (milliseconds), then the preflight."""
+    check_static(params)
+    return preflight(params)
+
+
 def preflight(params: dict) -> ModelFacts:
-    """Everything that needs the data, the device or the model's config (run after
-    stages.params.check_static, which the flows and check_all do)."""
+    """Everything that needs the data, the device or the model's config (after
+    stages.params.check_static, as check_all does)."""
     check_data(params)
     check_device(params)
     facts = model_facts(section(params, "model")["source"])
