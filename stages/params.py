@@ -55,7 +55,7 @@ def yaml_errors(path: str | Path):
     except YAMLError as err:
         mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
-        problem = " ".join(str(p) for p in (getattr(err, "context", None), getattr(err, "problem", None)) if p)
+        problem = "; ".join(str(p) for p in (getattr(err, "context", None), getattr(err, "problem", None)) if p)
         raise ParamError((str(path),), f"is not valid YAML at {where}: {problem or err}. Fix the syntax there "
                                        f"(indentation, a missing ':' or an unclosed quote or bracket; quote "
                                        f"values such as \"2:4\") and run again") from None
