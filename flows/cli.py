@@ -189,7 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_PARAMS
     try:
         return COMMANDS[args.command](args, workspace)
-    except ParamError as err:
+    except ParamError as err:  # a bad setting, named by its key (pruning.settings.SettingsError)
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_PARAMS
+    except FileNotFoundError as err:  # e.g. no params.yaml in the workspace
         print(f"error: {err}", file=sys.stderr)
         return EXIT_PARAMS
     except PipelineBusy as err:
