@@ -4,10 +4,11 @@ device and the model's config before params.yaml is written and before any stage
 
 Cheapest first, so a setting that needs no model config is refused in well under
 two seconds:
-1. data: every text source is read with the stages' own reader (local files:
+1. device: CUDA must be there when model.device asks for it (probed without
+   importing torch, which takes seconds);
+2. data: every text source is read with the stages' own reader (local files:
    pruning.data.read_documents; an HF dataset name: its builder's features), so a
    missing text field or an empty file is refused here, not 60 s into calibrate;
-2. device: CUDA must be there when model.device asks for it;
 3. model: its config (an alias, a local directory, or a hub id: cached or fetched,
    config.json only) gives the context length and, built on the meta device (no
    weights, no memory), every prunable layer's name and shape. The prune settings
@@ -139,8 +140,8 @@ def check_all(params: dict) -> ModelFacts:
 def preflight(params: dict) -> ModelFacts:
     """Everything that needs the data, the device or the model's config (after
     stages.params.check_static, as check_all does)."""
-    check_data(params)
     check_device(params)
+    check_data(params)
     facts = model_facts(section(params, "model")["source"])
     check_against_model(params, facts)
     return facts
