@@ -7,7 +7,7 @@ import torch
 
 from . import baselines, settings
 from .admm import AdmmSystem, admm_solve
-from .masks import parse_pattern, select_mask
+from .masks import select_mask
 
 METHODS = tuple(settings.METHODS)
 # The paper defaults, from the options types of the settings model.

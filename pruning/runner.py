@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
