@@ -11,12 +11,12 @@ Every command works on the workspace given by -C (default: the current directory
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
 
-from stages.params import ParamError, check_all
+from stages.params import ParamError
+from stages.paths import EVAL_METRICS, REPORT_DIR, REPORT_MD
 from stages.workspace_lock import PipelineBusy
 
 from .dvc_runner import StageFailed
@@ -89,7 +89,7 @@ def serve_arguments(serve: argparse.ArgumentParser) -> None:
 
 def result_table(workspace: Path) -> str:
     """The dense vs pruned table printed at the end of a run."""
-    path = workspace / "metrics" / "eval.json"
+    path = workspace / EVAL_METRICS
     if not path.is_file():
         return ""
     ev = json.loads(path.read_text())
@@ -115,6 +115,10 @@ def stage_summary(runs: list[dict]) -> str:
 # ---------------------------------------------------------------- commands
 
 def cmd_run(args, workspace: Path) -> int:
+    # Before params.yaml is written, before the workspace lock and before Prefect is
+    # imported: a bad setting fails here in about a second and changes no file.
+    from .workspace import preflight
+    preflight(workspace, args.sets, args.profile)
     if args.no_prefect:
         result = run_without_prefect(workspace, args.sets, args.profile, tuple(args.force))
     else:
@@ -130,7 +134,7 @@ def cmd_run(args, workspace: Path) -> int:
             print(saved + "  (see `admm-prune runs`)")
     print()
     print(result_table(workspace))
-    print(f"\nreport: {workspace / 'reports' / 'report.md'}   pruned model: {workspace / 'reports' / 'model'}")
+    print(f"\nreport: {workspace / REPORT_DIR / REPORT_MD}   pruned model: {workspace / REPORT_DIR / 'model'}")
     return 0
 
 
@@ -151,14 +155,10 @@ def run_without_prefect(workspace: Path, sets, profile, force) -> dict:
 
 
 def cmd_plan(args, workspace: Path) -> int:
-    from .params_edit import apply_overrides, parse_assignment, profile_overrides
     from .plan import format_plan, make_plan
+    from .workspace import preflight
 
-    assignments = profile_overrides(args.profile, workspace) if args.profile else []
-    assignments += [parse_assignment(s) for s in args.sets]
-    params, changes = apply_overrides(workspace / "params.yaml", assignments, write=False)
-    with contextlib.chdir(workspace):
-        check_all(params)
+    params, changes = preflight(workspace, args.sets, args.profile)
     for change in changes:
         print(f"with {change}")
     print(format_plan(make_plan(workspace, params)))
@@ -208,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_PARAMS
     try:
         return COMMANDS[args.command](args, workspace)
-    except ParamError as err:
+    except ParamError as err:  # a bad setting, named by its key (pruning.settings.SettingsError)
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_PARAMS
+    except FileNotFoundError as err:  # e.g. no params.yaml in the workspace
         print(f"error: {err}", file=sys.stderr)
         return EXIT_PARAMS
     except PipelineBusy as err:

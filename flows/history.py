@@ -11,12 +11,14 @@ import fcntl
 import json
 from pathlib import Path
 
+from stages.paths import EVAL_METRICS, PRUNE_METRICS
+
 from .dvc_runner import run_dvc
 
 PARAM_COLUMNS = ("model.source", "calibrate.nsamples", "calibrate.seqlen", "prune.method", "prune.sparsity",
                  "prune.pattern")
-METRIC_COLUMNS = (("metrics/eval.json", "wikitext2_ppl"), ("metrics/eval.json", "c4_ppl"),
-                  ("metrics/eval.json", "sparsity"), ("metrics/prune.json", "prune_seconds"))
+METRIC_COLUMNS = ((EVAL_METRICS.as_posix(), "wikitext2_ppl"), (EVAL_METRICS.as_posix(), "c4_ppl"),
+                  (EVAL_METRICS.as_posix(), "sparsity"), (PRUNE_METRICS.as_posix(), "prune_seconds"))
 
 
 def save_run(workspace: str | Path, name: str | None = None, serialize_on: Path | None = None) -> str | None:

@@ -13,7 +13,8 @@ from pathlib import Path
 from ruamel.yaml import YAML
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
-from stages.params import ParamError
+from pruning.settings import did_you_mean
+from stages.params import ParamError, read_yaml, yaml_errors
 
 # Below these keys new entries may be created (they are user-keyed mappings);
 # everywhere else a key must already exist in params.yaml, so typos are refused.
@@ -29,8 +30,9 @@ def parse_assignment(assignment: str) -> tuple[list, object]:
     """'prune.sparsity=0.6' -> (['prune', 'sparsity'], 0.6)."""
     key, sep, value = assignment.partition("=")
     if not sep or not key.strip():
-        raise ParamError(assignment, "expected key=value, e.g. prune.sparsity=0.6")
-    return split_key(key.strip()), parse_value(value)
+        raise ParamError((assignment,), "expected key=value, e.g. prune.sparsity=0.6")
+    with yaml_errors(f"--set {key.strip()}"):
+        return split_key(key.strip()), parse_value(value)
 
 
 def split_key(key: str) -> list:
@@ -60,14 +62,15 @@ def set_in(doc: dict, path: list, value) -> tuple[object, object]:
     for depth, part in enumerate(path[:-1]):
         if part not in node or node[part] is None:
             if not any(_dotted(path[:depth + 1]).startswith(m) for m in OPEN_MAPPINGS):
-                raise ParamError(_dotted(path[:depth + 1]), "no such parameter in params.yaml")
+                raise ParamError(_dotted(path[:depth + 1]), "no such parameter in params.yaml"
+                                 + did_you_mean(part, node))
             node[part] = {}
         node = node[part]
         if not isinstance(node, dict):
             raise ParamError(_dotted(path[:depth + 1]), f"is {node!r}, not a mapping")
     last = path[-1]
     if last not in node and not any(_dotted(path).startswith(m + ".") for m in OPEN_MAPPINGS):
-        raise ParamError(_dotted(path), "no such parameter in params.yaml")
+        raise ParamError(_dotted(path), "no such parameter in params.yaml" + did_you_mean(last, node))
     old = node.get(last)
     if isinstance(value, str) and ":" in value:
         # Quote "2:4" on disk so that YAML 1.1 readers (PyYAML) do not see the integer 124.
@@ -82,7 +85,7 @@ def profile_overrides(profile: str, workspace: str | Path = ".") -> list[tuple[l
     if not path.is_file():
         known = sorted(p.stem.removeprefix("params-") for p in Path(workspace).glob("params-*.yaml"))
         raise ParamError("--profile", f"no {path.name} (profiles here: {', '.join(known) or 'none'})")
-    data = YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8")) or {}
+    data = read_yaml(path) or {}
     out: list[tuple[list, object]] = []
 
     def walk(prefix: list, node):
@@ -102,7 +105,8 @@ def apply_overrides(params_file: str | Path, assignments: list[tuple[list, objec
     params_file = Path(params_file)
     yaml = YAML()  # round-trip: keeps comments and key order
     yaml.preserve_quotes = True
-    doc = yaml.load(params_file.read_text(encoding="utf-8"))
+    with yaml_errors(params_file.name):
+        doc = yaml.load(params_file.read_text(encoding="utf-8"))
     changes = []
     for path, value in assignments:
         old, new = set_in(doc, path, value)

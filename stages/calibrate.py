@@ -13,7 +13,9 @@ import torch
 from .artifact_io import write_json, write_tensors
 from .block_inputs import save_block_inputs
 from .modelio import imported_context, load_dense, load_tokenizer
-from .params import ParamError, check_calibrate, load_params
+from pruning.settings import SettingsError
+
+from .params import check_calibrate, load_params
 from .paths import CALIB_IDS, CALIB_INPUTS, CALIB_META, CALIBRATION_DIR, MODEL_DIR
 from .runtime import main_wrapper, resolve_device, say
 from .textdata import load_texts
@@ -35,8 +37,8 @@ def run() -> None:
                f"of {c['data']['path']} (seed {c['seed']})")
     try:
         ids = calibration_windows(documents, tokenizer, c["nsamples"], c["seqlen"], c["seed"])
-    except ValueError as err:
-        raise ParamError("calibrate.seqlen", str(err).partition(": ")[2]) from None
+    except SettingsError as err:
+        raise err.within("calibrate") from None
 
     offload = params["model"].get("offload", False)
     # With offload the runner moves one block at a time to the device.

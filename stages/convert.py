@@ -8,9 +8,11 @@ artifacts/pruned directly), writes a note saying so, and logs it.
 """
 from __future__ import annotations
 
+from pruning.settings import SettingsError, parse_pattern
+
 from .artifact_io import read_json, write_json
 from .modelio import load_dense, load_tokenizer
-from .params import ParamError, load_params, section
+from .params import load_params, section
 from .paths import CONVERT_JSON, CONVERT_METRICS, CONVERTED_DIR, PRUNE_LOG, PRUNED_DIR
 from .runtime import main_wrapper, say
 
@@ -20,11 +22,10 @@ STAGE = "convert"
 def run() -> None:
     params = load_params()
     pattern = section(params, "prune")["pattern"]
-    from pruning.masks import parse_pattern
     try:
         nm = parse_pattern(pattern)
-    except ValueError as err:
-        raise ParamError("prune.pattern", str(err).partition(": ")[2]) from None
+    except SettingsError as err:
+        raise err.within("prune") from None
 
     CONVERTED_DIR.mkdir(parents=True, exist_ok=True)
     if nm is None:

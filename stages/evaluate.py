@@ -20,7 +20,9 @@ import torch
 from .artifact_io import read_json, write_csv, write_json
 from .hashing import hash_json, hash_tree, library_fingerprint
 from .modelio import imported_context, load_dense, load_tokenizer
-from .params import ParamError, check_evaluate, load_params
+from pruning.settings import SettingsError
+
+from .params import check_evaluate, load_params
 from .paths import (CONVERT_JSON, CONVERTED_DIR, EVAL_LAYERS_PLOT, EVAL_METRICS, MODEL_DIR, PRUNE_LOG,
                     PRUNED_DIR, work_cache)
 from .runtime import main_wrapper, resolve_device, say
@@ -37,8 +39,8 @@ def eval_windows(e: dict, tokenizer) -> dict[str, torch.Tensor]:
     try:
         return {"wikitext2": split_windows(wikitext, e["seqlen"], e["max_windows"]),
                 "c4": split_windows(c4, e["seqlen"], e["max_windows"])}
-    except ValueError as err:  # a text shorter than one window
-        raise ParamError("evaluate.seqlen", str(err).partition(": ")[2] or str(err)) from None
+    except SettingsError as err:  # a text shorter than one window
+        raise err.within("evaluate") from None
 
 
 def perplexities(model, windows: dict[str, torch.Tensor], device: str, label: str,
@@ -52,7 +54,7 @@ def perplexities(model, windows: dict[str, torch.Tensor], device: str, label: st
 def dense_perplexities(windows: dict[str, torch.Tensor], device: str, batch_size: int) -> dict[str, float]:
     digest = {name: hashlib.sha256(w.numpy().tobytes()).hexdigest() for name, w in windows.items()}
     key = hash_json({"model": hash_tree(MODEL_DIR), "windows": digest, "device": torch.device(device).type,
-                     "code": library_fingerprint(), "torch": torch.__version__, "batch_size": batch_size})
+                     "code": library_fingerprint(STAGE), "torch": torch.__version__, "batch_size": batch_size})
     memo = work_cache() / "dense-eval" / f"{key}.json"
     if memo.is_file():
         say(STAGE, f"dense perplexities reused from {memo}")

@@ -48,6 +48,12 @@ def code_fingerprint(package_dir: str | Path) -> str:
                       for f in sorted(package_dir.rglob("*.py"))})
 
 
-def library_fingerprint() -> str:
-    import pruning
-    return code_fingerprint(Path(pruning.__file__).parent)
+def library_fingerprint(stage: str | None = None) -> str:
+    """sha256 of the library code: with a stage, of the pruning/ files that stage
+    declares as deps in dvc.yaml (the one definition of its code set, so the block
+    store and DVC invalidate on the same files); without, of all of pruning/."""
+    if stage is None:
+        import pruning
+        return code_fingerprint(Path(pruning.__file__).parent)
+    from .paths import ROOT, stage_code
+    return hash_json({path.as_posix(): sha256_file(ROOT / path) for path in sorted(stage_code(stage))})

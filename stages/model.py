@@ -11,7 +11,9 @@ from pathlib import Path
 
 from .artifact_io import write_json
 from .hashing import hash_tree, sha256_file
-from .params import ParamError, check_model, load_params
+from pruning.settings import SettingsError
+
+from .params import check_model, load_params
 from .paths import MODEL_DIR, MODEL_SOURCE_JSON
 from .runtime import main_wrapper, say
 
@@ -42,8 +44,8 @@ def run() -> None:
     say(STAGE, f"loading {source!r} as {dtype}")
     try:
         model, tokenizer = load_model(source, dtype=dtype, device="cpu")
-    except ValueError as err:
-        raise ParamError("model.source", str(err).partition(": ")[2] or str(err)) from None
+    except SettingsError as err:
+        raise err.within("model") from None
     record = _source_record(source)
     if record["kind"] == "hub":
         record["commit"] = getattr(model.config, "_commit_hash", None)

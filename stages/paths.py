@@ -1,29 +1,68 @@
 """Where every artifact lives, relative to the workspace root (DVC runs stages there).
 
-dvc.yaml names the same paths; keeping them in one module means a stage and the
-flows that read its outputs cannot disagree about a location.
+dvc.yaml is the one definition: each constant below is looked up among the outs,
+metrics and plots a stage declares there, so a stage, the flows that read its
+outputs and the stage graph cannot disagree about a location. Only the files
+inside an artifact directory (which DVC does not see) are named here.
+
+The same file defines which library code each stage depends on (its deps), which
+keys the block store and the dense-evaluation memo: see stage_code.
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]   # the workspace this code belongs to
+PIPELINE_FILE = ROOT / "dvc.yaml"
 PARAMS_FILE = Path("params.yaml")
 
-MODEL_DIR = Path("artifacts/model")            # model stage: HF dir (safetensors + config + tokenizer)
-CALIBRATION_DIR = Path("artifacts/calibration")  # calibrate stage: token ids + block-0 inputs
-PRUNED_DIR = Path("artifacts/pruned")          # prune stage: the assembled pruned model (HF dir)
-CONVERTED_DIR = Path("artifacts/converted")    # convert stage: packed N:M model, or a pass-through note
 
-METRICS_DIR = Path("metrics")
-PLOTS_DIR = Path("plots")
-REPORT_DIR = Path("reports")
+@functools.cache
+def pipeline() -> dict:
+    """The stages of dvc.yaml (parsed once)."""
+    from ruamel.yaml import YAML
+    if not PIPELINE_FILE.is_file():
+        raise FileNotFoundError(f"{PIPELINE_FILE} not found: stages/ must sit in the workspace next to dvc.yaml")
+    return YAML(typ="safe", pure=True).load(PIPELINE_FILE.read_text(encoding="utf-8"))["stages"]
 
-PRUNE_METRICS = METRICS_DIR / "prune.json"
-CONVERT_METRICS = METRICS_DIR / "convert.json"
-EVAL_METRICS = METRICS_DIR / "eval.json"
-PRUNE_LAYERS_PLOT = PLOTS_DIR / "prune_layers.csv"
-EVAL_LAYERS_PLOT = PLOTS_DIR / "eval_layers.csv"
+
+def declared(stage: str, kind: str = "outs") -> list[str]:
+    """The paths of one kind (outs, metrics, plots, deps) a stage declares in dvc.yaml;
+    entries may be `path` or `{path: options}`."""
+    out = []
+    for item in pipeline()[stage].get(kind) or []:
+        out.extend(item.keys() if isinstance(item, dict) else [item])
+    return out
+
+
+def _only(stage: str, kind: str) -> Path:
+    paths = declared(stage, kind)
+    if len(paths) != 1:
+        raise ValueError(f"dvc.yaml: stage {stage!r} declares {len(paths)} {kind}, expected one: {paths}")
+    return Path(paths[0])
+
+
+def stage_code(stage: str, package: str = "pruning") -> list[Path]:
+    """The .py files of `package` that `stage` declares as deps (relative to ROOT).
+    tests/test_layering.py checks that they cover everything the stage imports."""
+    return [Path(d) for d in declared(stage, "deps") if d.startswith(package + "/") and d.endswith(".py")]
+
+
+MODEL_DIR = _only("model", "outs")              # HF dir (safetensors + config + tokenizer)
+CALIBRATION_DIR = _only("calibrate", "outs")    # token ids + block-0 inputs
+PRUNED_DIR = _only("prune", "outs")             # the assembled pruned model (HF dir)
+CONVERTED_DIR = _only("convert", "outs")        # packed N:M model, or a pass-through note
+
+PRUNE_METRICS = _only("prune", "metrics")
+CONVERT_METRICS = _only("convert", "metrics")
+EVAL_METRICS = _only("evaluate", "metrics")
+PRUNE_LAYERS_PLOT = _only("prune", "plots")
+EVAL_LAYERS_PLOT = _only("evaluate", "plots")
+METRICS_DIR = EVAL_METRICS.parent
+PLOTS_DIR = EVAL_LAYERS_PLOT.parent
+REPORT_DIR = Path(os.path.commonpath(declared("report", "outs")))  # report.md, run_meta.json, plots/, model/
 
 # Files inside artifact directories.
 MODEL_SOURCE_JSON = "source.json"        # where the model came from
@@ -32,6 +71,7 @@ CALIB_INPUTS = "block_inputs.safetensors"
 CALIB_META = "calibration.json"
 PRUNE_LOG = "prune_log.json"             # per-layer settings and stats of the pruned model
 CONVERT_JSON = "convert.json"            # whether convert packed the model or passed it through
+REPORT_MD = "report.md"
 
 
 def work_cache() -> Path:

@@ -10,15 +10,18 @@ blocks k onward reuses blocks 0..k-1.
 from __future__ import annotations
 
 import statistics
+from dataclasses import fields
 
 import torch
+
+from pruning.settings import PruneSettings, SettingsError
 
 from .artifact_io import read_json, read_tensors, write_csv, write_json
 from .block_inputs import load_block_inputs
 from .block_store import FingerprintBlockStore, block_fingerprints
 from .hashing import hash_tree, library_fingerprint
 from .modelio import load_dense, load_tokenizer
-from .params import ParamError, check_prune, load_params, normalise_block_overrides
+from .params import check_prune, load_params, prune_settings
 from .paths import (CALIB_IDS, CALIB_INPUTS, CALIB_META, CALIBRATION_DIR, MODEL_DIR,
                     PRUNE_LAYERS_PLOT, PRUNE_LOG, PRUNE_METRICS, PRUNED_DIR, work_cache)
 from .runtime import main_wrapper, peak_memory_mib, resolve_device, say
@@ -26,55 +29,42 @@ from .runtime import main_wrapper, peak_memory_mib, resolve_device, say
 STAGE = "prune"
 
 
-def load_user_masks(path: str, layer_names: list[str]) -> dict[str, torch.Tensor]:
-    """Bool masks (True = kept) keyed by full layer name, with or without '.weight'."""
-    masks = {}
-    known = set(layer_names)
-    for key, tensor in read_tensors(path).items():
-        name = key.removesuffix(".weight")
-        if name not in known:
-            raise ParamError("prune.mask_file", f"{key!r} is not a prunable linear layer of this model "
-                                                f"(e.g. {layer_names[0]!r})")
-        masks[name] = tensor.to(torch.bool)
-    return masks
+def load_user_masks(path: str) -> dict[str, torch.Tensor]:
+    """Bool masks (True = kept) keyed by full layer name, with or without '.weight';
+    PruneSpec.validate checks their names and shapes against the model."""
+    return {key.removesuffix(".weight"): tensor.to(torch.bool) for key, tensor in read_tensors(path).items()}
 
 
-def build_spec(p: dict, n_blocks: int, masks):
+def build_spec(settings: PruneSettings, masks):
     from pruning.runner import PruneSpec
-    return PruneSpec(method=p["method"], sparsity=p["sparsity"], pattern=p["pattern"],
-                     options=dict(p.get("options") or {}),
-                     block_overrides=normalise_block_overrides(p.get("block_overrides") or {}, n_blocks),
-                     layer_overrides=dict(p.get("layer_overrides") or {}),
-                     masks=masks, true_sequential=p["true_sequential"])
+    return PruneSpec(**{f.name: getattr(settings, f.name) for f in fields(PruneSettings)}, masks=masks)
 
 
 def run() -> None:
     params = load_params()
-    # Block count from the config for an early check; re-checked on the loaded model.
-    p = check_prune(params, n_blocks=read_json(MODEL_DIR / "config.json").get("num_hidden_layers"))
+    p = check_prune(params)
     device = resolve_device(params["model"]["device"])
 
     from pruning.models import export_model
-    from pruning.runner import (block_linears, decoder_layers, layers_prefix, prunable_linear_names,
-                                prune_model)
+    from pruning.runner import block_linears, decoder_layers, layers_prefix, prune_model
 
     calibration = read_json(CALIBRATION_DIR / CALIB_META)
     offload = params["model"].get("offload", False)  # memory only: not part of the block fingerprint
     model = load_dense(MODEL_DIR, "cpu" if offload else device)
-    masks = load_user_masks(p["mask_file"], prunable_linear_names(model)) if p.get("mask_file") else None
+    masks = load_user_masks(p["mask_file"]) if p.get("mask_file") else None
     n_blocks = len(decoder_layers(model))
-    spec = build_spec(p, n_blocks, masks)
+    spec = build_spec(prune_settings(params), masks)
     try:
-        spec.validate(model)
-    except ValueError as err:
-        raise ParamError("prune", str(err)) from None
+        spec.validate(model, mask_path=("mask_file",))
+    except SettingsError as err:
+        raise err.within("prune") from None
 
     # Everything a block's result depends on; see block_store.py for the chaining.
     prefix = layers_prefix(model) + "."
     # The batch size changes fp rounding (GEMM shapes), so results are keyed on it.
     batch_size = params["model"].get("batch_size", 8)
     base = {"model": hash_tree(MODEL_DIR), "calibration": hash_tree(CALIBRATION_DIR),
-            "code": library_fingerprint(), "torch": torch.__version__, "device": torch.device(device).type,
+            "code": library_fingerprint(STAGE), "torch": torch.__version__, "device": torch.device(device).type,
             "batch_size": batch_size}
     settings = [spec.block_settings(i, list(block_linears(block)), prefix)
                 for i, block in enumerate(decoder_layers(model))]

@@ -15,10 +15,11 @@ def say(stage: str, message: str) -> None:
 
 def resolve_device(device: str) -> str:
     from pruning.models import resolve_device as resolve
+    from pruning.settings import SettingsError
     try:
         return resolve(device)
-    except ValueError as err:
-        raise ParamError("model.device", str(err).partition(": ")[2] or str(err)) from None
+    except SettingsError as err:
+        raise err.within("model") from None
 
 
 def peak_memory_mib(device: str) -> dict:

@@ -125,3 +125,27 @@ def test_tf32_rounding_keeps_ten_mantissa_bits():
     x = torch.tensor([1.0, 1.0 + 2 ** -10, 1.0 + 2 ** -11 + 2 ** -12, 1.0 + 2 ** -12, -3.0000001])
     out = quality.round_to_tf32(x)
     assert out.tolist() == [1.0, 1.0 + 2 ** -10, 1.0 + 2 ** -10, 1.0, -3.0]
+
+
+def test_evaluate_and_bench_score_the_same_token_stream(tmp_path, monkeypatch):
+    """One reader for local text (pruning.data.read_documents): the evaluate stage and
+    bench/quality.py cut the same windows from the same files. Red when the stage reads
+    local files another way again (at b295bc5, datasets' text builder kept the blank
+    lines that read_documents drops, so the WikiText-2 streams differed)."""
+    from pruning.models import byte_level_tokenizer
+    from stages.evaluate import eval_windows
+
+    _write_data(tmp_path / "data")
+    wiki = tmp_path / "data" / "wikitext2-raw-test.txt"
+    wiki.write_text("\n \n" + wiki.read_text().replace("\n", "\n\n", 3), encoding="utf-8")  # blank lines
+    tokenizer = byte_level_tokenizer()
+    profile = quality.PROFILES["tiny"]
+    _, bench_wiki, bench_c4 = quality.load_eval_data(tmp_path / "data", tokenizer, profile)
+    spec = {"name": None, "data_files": None, "split": "test", "text_field": "text"}
+    e = {"seqlen": profile.seqlen, "max_windows": profile.wikitext_windows, "c4_windows": profile.c4_windows,
+         "wikitext2": {**spec, "path": "data/wikitext2-raw-test.txt"},
+         "c4": {**spec, "path": "data/c4_validation_2k.parquet"}}
+    assert profile.wikitext_windows == profile.c4_windows  # so max_windows caps both the same way
+    monkeypatch.chdir(tmp_path)
+    stage = eval_windows(e, tokenizer)
+    assert torch.equal(stage["wikitext2"], bench_wiki) and torch.equal(stage["c4"], bench_c4)

@@ -77,8 +77,10 @@ def test_tiny_model_is_deterministic():
 
 @pytest.mark.parametrize("source", ["./no/such/dir", "/definitely/missing", "a/b/c"])
 def test_missing_local_model_is_a_clear_error(source):
-    with pytest.raises(ValueError, match="model.source"):
+    from pruning.settings import SettingsError
+    with pytest.raises(SettingsError, match="does not exist") as err:
         load_model(source)
+    assert err.value.path == ("source",)
 
 
 def test_bad_dtype_and_device():

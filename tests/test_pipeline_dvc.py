@@ -142,27 +142,104 @@ def test_corrupted_or_missing_artifact_is_detected_and_rebuilt(repo):
     assert tree_digest(pruned) == good
 
 
-@pytest.mark.parametrize("assignment, key", [
-    ("prune.method=obs", "prune.method"),
-    ("prune.sparsity=1.5", "prune.sparsity"),
-    ("prune.pattern=2-4", "prune.pattern"),
-    ("prune.pattern=4:2", "prune.pattern"),
-    ("prune.options.iters=0", "prune.options.iters"),
-    ("prune.block_overrides.7.sparsity=0.6", "prune.block_overrides.7"),
-    ("model.source=./no/such/model", "model.source"),
-    ("calibrate.seqlen=4096", "calibrate.seqlen"),
-    ("evaluate.seqlen=100000", "evaluate.seqlen"),
-    ("prune.sparsty=0.5", "prune.sparsty"),
-])
-def test_bad_params_fail_before_any_work_naming_the_key(repo, assignment, key, capsys):
+# The 34 bad settings of ../shared/bad-inputs-2026-11-23.md (numbered as there; #25, a
+# YAML syntax error, has its own test), and the drift and data cases of issue 10.
+# {tmp} is a directory outside the workspace holding mask and data files.
+BAD_SETTINGS = [
+    ("1", ["--set", "prune.sparsity=1.5"], "prune.sparsity"),
+    ("2", ["--set", "prune.sparsity=-0.1"], "prune.sparsity"),
+    ("3", ["--set", "prune.sparsity=abc"], "prune.sparsity"),
+    ("4", ["--set", "prune.pattern=4:2"], "prune.pattern"),
+    ("5", ["--set", "prune.pattern=foo"], "prune.pattern"),
+    ("6", ["--set", "prune.method=bogus"], "prune.method"),
+    ("7", ["--set", "prune.pattern=2:3"], "prune.sparsity"),
+    ("8", ["--set", "prune.pattern=2:3", "--set", "prune.sparsity=null"], "prune.pattern"),
+    ("9", ["--set", "prune.bogus_key=1"], "prune.bogus_key"),
+    ("10", ["--set", "prune.options.foo=1"], "prune.options.foo"),
+    ("11", ["--set", "prune.options.blocksize=64"], "prune.options.blocksize"),
+    ("12", ["--set", "calibrate.nsamples=0"], "calibrate.nsamples"),
+    ("13", ["--set", "calibrate.nsamples=2.5"], "calibrate.nsamples"),
+    ("14", ["--set", "calibrate.seqlen=100000"], "calibrate.seqlen"),
+    ("15", ["--set", "evaluate.seqlen=100000"], "evaluate.seqlen"),
+    ("16", ["--set", "model.dtype=int8"], "model.dtype"),
+    ("17", ["--set", "model.device=cuda"], "model.device"),
+    ("18", ["--set", "model.source=/nonexistent/model"], "model.source"),
+    ("19", ["--set", "model.source=someorg/nonexistent-model-xyz"], "model.source"),
+    ("20", ["--set", "calibrate.data.path=data/missing.jsonl"], "calibrate.data.path"),
+    ("21", ["--set", "prune.block_overrides.7.sparsity=0.7"], "prune.block_overrides.7"),
+    ("22", ["--set", "prune.mask_file={tmp}/shape.safetensors"], "prune.mask_file"),
+    ("23", ["--set", "prune.mask_file={tmp}/layer9.safetensors"], "prune.mask_file"),
+    ("24", ["--set", "prune.mask_file=nope.safetensors"], "prune.mask_file"),
+    ("26", ["--set", "prune.sparsity=null"], "prune.sparsity"),
+    ("27", ["--set", "prune.pattern=4:8", "--set", "prune.sparsity=0.6"], "prune.sparsity"),
+    ("28", ["--profile", "bogus"], "--profile"),
+    ("29", ["--set", "calibrate.data.text_field=body"], "calibrate.data.text_field"),
+    ("30", ["--set", "prune.layer_overrides.mlp.down_prj.sparsity=0.9"], "prune.layer_overrides.mlp.down_prj"),
+    ("31", ["--set", "prune.block_overrides.0.foo=1"], "prune.block_overrides.0.foo"),
+    ("32", ["--set", "prune.sparsity"], "prune.sparsity"),
+    ("33", ["--set", "prune.options.iters=0"], "prune.options.iters"),
+    ("34", ["--set", "prune.options.rho=-1"], "prune.options.rho"),
+    ("block 2:4 + layer 0.7", ["--set", "prune.block_overrides.1.pattern=2:4",
+                               "--set", "prune.layer_overrides.mlp.down_proj.sparsity=0.7"],
+     "prune.layer_overrides.mlp.down_proj.sparsity"),
+    ("empty data file", ["--set", "evaluate.wikitext2.path={tmp}/empty.txt"], "evaluate.wikitext2.path"),
+    ("empty calibration text", ["--set", "calibrate.data.path={tmp}/blank.jsonl"], "calibrate.data.path"),
+    ("unparsable --set value", ["--set", "prune.options={iters: 3"], "--set prune.options"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad-inputs")
+    save_file({"model.layers.1.self_attn.o_proj": torch.ones(3, 3, dtype=torch.bool)}, tmp / "shape.safetensors")
+    save_file({"model.layers.9.self_attn.o_proj": torch.ones(64, 64, dtype=torch.bool)}, tmp / "layer9.safetensors")
+    (tmp / "empty.txt").write_text("")
+    (tmp / "blank.jsonl").write_text('{"text": ""}\n{"text": "  "}\n')
+    return tmp
+
+
+def workspace_state(repo) -> dict:
+    """Every file of the workspace (git and DVC internals included) with size and mtime."""
+    return {str(p.relative_to(repo)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in repo.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+
+
+@pytest.mark.parametrize("case, args, key", BAD_SETTINGS, ids=[case for case, _, _ in BAD_SETTINGS])
+def test_bad_settings_are_refused_before_any_stage_and_change_no_file(repo, bad_files, case, args, key, capsys):
+    """Each is refused by `admm-prune run` with exit 2 and a one-paragraph message that
+    starts with the key, before params.yaml is written or any stage runs: params.yaml
+    byte-identical, every file of the workspace untouched. Red for each case the
+    preflight misses (at b295bc5: #8, #19, #22, #23, #29, #30 and the empty files)."""
     from flows.cli import main
 
-    params, lock = (repo / "params.yaml").read_text(), (repo / "dvc.lock").read_text()
-    assert main(["-C", str(repo), "run", "--no-prefect", "--set", assignment]) == 2
+    if case == "17" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    params, before = (repo / "params.yaml").read_bytes(), workspace_state(repo)
+    argv = [arg.replace("{tmp}", str(bad_files)) for arg in args]
+    assert main(["-C", str(repo), "run", "--no-prefect", "--no-save", *argv]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {key}"), err
-    assert (repo / "params.yaml").read_text() == params  # the bad value was not written
-    assert (repo / "dvc.lock").read_text() == lock       # no stage ran
+    assert err.startswith(f"error: {key}: "), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert (repo / "params.yaml").read_bytes() == params
+    assert workspace_state(repo) == before
+
+
+def test_a_yaml_syntax_error_is_one_paragraph_naming_file_line_and_column(repo, capsys):
+    """#25: a 66-line ruamel traceback at b295bc5."""
+    from flows.cli import main
+
+    original = (repo / "params.yaml").read_text()
+    broken = original + "prune: [unclosed\n"
+    (repo / "params.yaml").write_text(broken)
+    try:
+        assert main(["-C", str(repo), "run", "--no-prefect", "--no-save"]) == 2
+        err = capsys.readouterr().err
+        lines = len(original.splitlines())
+        assert err.startswith("error: params.yaml: is not valid YAML at line "), err
+        assert f"line {lines + 2}, column 1" in err and len(err.strip().splitlines()) == 1, err
+        assert (repo / "params.yaml").read_text() == broken
+    finally:
+        (repo / "params.yaml").write_text(original)
 
 
 def test_plain_dvc_repro_with_a_bad_param_fails_in_the_stage_naming_the_key(repo):

@@ -93,7 +93,8 @@ def _params(workspace):
     ("evaluate", "typo", 1, "evaluate.typo"),
 ])
 def test_bad_params_are_refused_naming_the_key(workspace, section, key, value, named):
-    from stages.params import ParamError, check_all
+    from stages.params import ParamError
+    from stages.preflight import check_all
 
     params = copy.deepcopy(_params(workspace))
     params[section][key] = value
@@ -103,7 +104,8 @@ def test_bad_params_are_refused_naming_the_key(workspace, section, key, value, n
 
 
 def test_default_and_tiny_params_are_valid(workspace):
-    from stages.params import check_all, load_params
+    from stages.params import load_params
+    from stages.preflight import check_all
     check_all(_params(workspace))
     default = load_params(ROOT / "params.yaml")
     assert default["model"]["source"] == "smollm2-135m"
@@ -111,7 +113,8 @@ def test_default_and_tiny_params_are_valid(workspace):
 
 
 def test_missing_data_file_names_the_key_and_the_fix(workspace):
-    from stages.params import ParamError, check_all
+    from stages.params import ParamError
+    from stages.preflight import check_all
     (workspace / "data" / "wikitext2-raw-test.txt").unlink()
     with pytest.raises(ParamError, match=r"^evaluate\.wikitext2\.path: .*dvc pull"):
         check_all(_params(workspace))

@@ -125,8 +125,10 @@ def test_override_to_another_method_drops_inherited_options():
     spec = PruneSpec("admm-grad", 0.5, options={"iters": 30, "mask_steps": 10},
                      layer_overrides={"mlp.down_proj": {"method": "wanda"}},
                      block_overrides={1: {"options": {"rho": 2.0}}})
-    assert spec.settings_for(0, "mlp.down_proj").options == {}
-    assert spec.settings_for(1, "self_attn.q_proj").options == {"iters": 30, "mask_steps": 10, "rho": 2.0}
+    assert spec.settings_for(0, "mlp.down_proj").options == {"group": "row"}  # wanda's own defaults
+    options = spec.settings_for(1, "self_attn.q_proj").options
+    assert {k: options[k] for k in ("iters", "mask_steps", "rho", "damping")} == {"iters": 30, "mask_steps": 10,
+                                                                                 "rho": 2.0, "damping": 0.1}
     model, _ = build_tiny_model("llama")
     spec.validate(model)
 
