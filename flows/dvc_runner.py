@@ -142,14 +142,3 @@ def repro_stage(workspace: str | Path, stage: str, env: dict | None = None, echo
         raise StageFailed(stage, code, "DVC said neither 'Running stage', 'didn't change' nor "
                                        f"'is cached' for this stage:\n{output[-2000:]}")
     return StageRun(stage, outcome, round(time.perf_counter() - start, 2), output)
-
-
-def repro_all(workspace: str | Path, env: dict | None = None, echo: bool = True) -> list[StageRun]:
-    """The whole pipeline in one `dvc repro` (used by sweep runs, which need no per-stage tasks)."""
-    start = time.perf_counter()
-    code, output = run_dvc(["repro"], workspace, env, echo)
-    if code != 0:
-        raise StageFailed("pipeline", code, "\n".join(output.strip().splitlines()[-25:]))
-    outcomes = parse_outcomes(output)
-    seconds = round(time.perf_counter() - start, 2)
-    return [StageRun(stage, outcomes.get(stage, SKIPPED), seconds) for stage in STAGES]
