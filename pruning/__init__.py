@@ -9,10 +9,10 @@ from .gram import GramCollector
 from .layer import METHODS, admm_update, prune_layer, validate_settings
 from .masks import is_nm_valid, parse_pattern
 from .perplexity import perplexity
-from .runner import (BlockInputs, PruneResult, PruneSpec, capture_block_inputs, decoder_layers,
-                     prunable_linear_names, prune_model)
+from .discovery import check_prunable, decoder_layers, prunable_linear_names
+from .runner import BlockInputs, PruneResult, PruneSpec, capture_block_inputs, prune_model
 
 __all__ = ["AdmmSystem", "admm_solve", "GramCollector", "METHODS", "admm_update", "prune_layer",
            "validate_settings", "is_nm_valid", "parse_pattern", "perplexity", "BlockInputs",
            "PruneResult", "PruneSpec", "capture_block_inputs", "decoder_layers",
-           "prunable_linear_names", "prune_model"]
+           "prunable_linear_names", "check_prunable", "prune_model"]

@@ -25,42 +25,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .discovery import (block_linears, decoder_layers, layer_weight, layers_prefix,  # noqa: F401 (re-exported)
+                        prunable_linear_names, set_layer_weight, to_out_in)
 from .gram import GramCollector, exact_fp32_matmul
 from .layer import LayerJob, prune_layers, validate_settings
 from .masks import parse_pattern
 from .walk import DEFAULT_BATCH_SIZE, BlockCall, batch_slices, propagate, run_block, walk_block
 
 _CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past")
-_LAYER_PATHS = ("model.layers", "model.decoder.layers", "model.language_model.layers",
-                "transformer.h", "gpt_neox.layers")
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    for path in _LAYER_PATHS:
-        obj = model
-        for attr in path.split("."):
-            obj = getattr(obj, attr, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList):
-            return obj
-    raise ValueError(f"model: cannot find its decoder blocks (looked for {', '.join(_LAYER_PATHS)})")
-
-
-def layers_prefix(model: nn.Module) -> str:
-    layers = decoder_layers(model)
-    return next(name for name, module in model.named_modules() if module is layers)
-
-
-def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
-
-
-def prunable_linear_names(model: nn.Module) -> list[str]:
-    """Full module names of the linears inside decoder blocks (never embeddings or lm_head)."""
-    prefix = layers_prefix(model)
-    return [f"{prefix}.{i}.{name}" for i, block in enumerate(decoder_layers(model))
-            for name in block_linears(block)]
 
 
 # ---------------------------------------------------------------------------- capture
@@ -244,7 +216,7 @@ class PruneSpec:
             for name, linear in block_linears(block).items():
                 s = self.settings_for(i, name)
                 mask = self.mask_for(f"{prefix}{i}.{name}")
-                if mask is not None:
+                if mask is not None:  # laid out like the layer's weight parameter
                     if tuple(mask.shape) != tuple(linear.weight.shape):
                         raise ValueError(f"masks: mask for {prefix}{i}.{name} has shape {tuple(mask.shape)}, "
                                          f"the layer's weight {tuple(linear.weight.shape)}")
@@ -253,9 +225,10 @@ class PruneSpec:
                     _, nm = validate_settings(s.method, s.sparsity, s.pattern, **s.options)
                 except ValueError as err:
                     raise ValueError(f"{err} (block {i}, layer {name})") from None
-                if nm and linear.in_features % nm[1]:
+                d_in = layer_weight(linear).shape[1]
+                if nm and d_in % nm[1]:
                     raise ValueError(f"pattern: {s.pattern} needs in_features divisible by {nm[1]}; "
-                                     f"block {i} layer {name} has {linear.in_features}")
+                                     f"block {i} layer {name} has {d_in}")
 
 
 # ---------------------------------------------------------------------------- runner
@@ -316,8 +289,9 @@ def _prune_group(index, prefix, names, linears, gram, spec: PruneSpec) -> list[d
     jobs = {}
     for name in names:
         s = spec.settings_for(index, name)
-        jobs[name] = LayerJob(linears[name].weight.data, s.method, s.sparsity, s.pattern, s.options,
-                              user_mask=spec.mask_for(f"{prefix}{index}.{name}"))
+        mask = spec.mask_for(f"{prefix}{index}.{name}")
+        jobs[name] = LayerJob(layer_weight(linears[name]), s.method, s.sparsity, s.pattern, s.options,
+                              user_mask=None if mask is None else to_out_in(linears[name], mask))
     results = prune_layers(jobs, gram)
     seconds = (time.perf_counter() - start) / len(names)  # the shared solve, split evenly
     stats = []
@@ -327,7 +301,7 @@ def _prune_group(index, prefix, names, linears, gram, spec: PruneSpec) -> list[d
                       "method": "admm (user mask)" if job.user_mask is not None else job.method,
                       "pattern": job.pattern, "sparsity": float((new == 0).float().mean()),
                       "rel_error": _relative_error(job.weight, new, gram), "seconds": seconds})
-        linears[name].weight.data = new
+        set_layer_weight(linears[name], new)
     return stats
 
 

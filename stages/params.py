@@ -269,7 +269,7 @@ def check_mask_file(mask_file, mask_sha256) -> None:
 # ------------------------------------------------------------------ model facts
 
 def model_facts(source: str) -> dict:
-    """The model's maximum context and number of blocks, when they can be known
+    """The model's maximum context, number of blocks and config, when they can be known
     without loading weights ({} entries are None when they cannot, e.g. an uncached
     hub id offline): the stages check again against the imported model."""
     try:
@@ -306,13 +306,27 @@ def _facts(config: dict) -> dict:
     context = next((int(merged[k]) for k in ("max_position_embeddings", "n_positions", "max_sequence_length",
                                              "seq_length") if merged.get(k)), None)
     blocks = next((int(merged[k]) for k in ("num_hidden_layers", "n_layer", "num_layers") if merged.get(k)), None)
-    return {"context": context, "blocks": blocks}
+    return {"context": context, "blocks": blocks, "config": config}
+
+
+def check_structure(config: dict | None) -> None:
+    """Refuse a model whose decoder blocks or prunable layers cannot be found, from its
+    config alone (built on the meta device: no weights). None: not known here; the
+    prune stage checks the loaded model again."""
+    if config is None:
+        return
+    from pruning.discovery import check_prunable_config
+    try:
+        check_prunable_config(config)
+    except ValueError as err:
+        raise ParamError("model.source", str(err).partition(": ")[2]) from None
 
 
 def check_all(params: dict) -> None:
     """Every section, before any stage runs (the CLI and the flow call this)."""
     check_model(params)
     facts = model_facts(params["model"]["source"])
+    check_structure(facts.get("config"))
     check_calibrate(params, facts["context"])
     check_prune(params, facts["blocks"])
     check_evaluate(params, facts["context"])
