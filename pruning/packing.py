@@ -245,8 +245,8 @@ def save_packed_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike, p
     """Write `model` to out_dir with its decoder linears packed (format in the module doc).
 
     layer_names: module (or `.weight` parameter) names to pack; default: every nn.Linear
-    inside the decoder blocks. Every one must be N:M-valid for `pattern`; otherwise a
-    ValueError names the first bad layer, row and group, and nothing is written.
+    or Conv1D inside the decoder blocks (a Conv1D weight is packed as its (d_out, d_in)
+    transpose). Every one must be N:M-valid for `pattern`; otherwise a ValueError names the first bad layer, row and group, and nothing is written.
     tokenizer: saved alongside when not None. Returns the config entry written, plus
     a `size` report (see packed_size_report).
     """

@@ -125,7 +125,7 @@ def to_semi_structured(model: nn.Module, *, layer_names: list[str] | None = None
     """Convert eligible linears of `model` in place; returns
     {"converted": [names], "fell_back": {name: reason}, "backend": name}.
 
-    layer_names: module names to convert; default: every nn.Linear in the decoder
+    layer_names: module names to convert; default: every nn.Linear or Conv1D in the decoder
     blocks (embeddings and lm_head stay dense). Fallbacks are logged as warnings.
     """
     names = prunable_linear_names(model) if layer_names is None else list(layer_names)

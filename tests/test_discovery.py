@@ -129,7 +129,7 @@ def test_gpt2_unstructured_sparsity_is_exact_and_user_mask_is_kept():
     names = prunable_linear_names(model)
     target = "transformer.h.1.attn.c_proj"
     mask = torch.rand(stored(model, target).shape, generator=torch.Generator().manual_seed(1)) > 0.3
-    spec = PruneSpec("admm-grad", 0.6, options={"iters": 6, "mask_steps": 4}, masks={target: mask})
+    spec = PruneSpec("wanda", 0.6, masks={target: mask})  # the masked layer gets the ADMM update
     prune_model(model, calib(), spec, progress=False)
     assert torch.equal(stored(model, target) != 0, mask)
     for name in names:
@@ -168,10 +168,9 @@ def test_gpt2_packing_round_trip(tmp_path):
 
 def test_gpt2_semi_structured_fallback_names_every_conv1d():
     """Without CUDA every Conv1D is reported and stays dense. Red if Conv1D layers are
-    skipped or refused as 'not an nn.Linear'."""
+    left out of the report; the conversion itself is the GPU test's."""
     from pruning.sparse_exec import to_semi_structured
     model, _ = build_tiny_model("gpt2")
-    prune_model(model, calib(), PruneSpec("magnitude", None, "2:4"), progress=False)
     before = model(calib(1)).logits
     report = to_semi_structured(model)
     names = prunable_linear_names(model)
