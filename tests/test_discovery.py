@@ -129,7 +129,7 @@ def test_gpt2_unstructured_sparsity_is_exact_and_user_mask_is_kept():
     names = prunable_linear_names(model)
     target = "transformer.h.1.attn.c_proj"
     mask = torch.rand(stored(model, target).shape, generator=torch.Generator().manual_seed(1)) > 0.3
-    spec = PruneSpec("wanda", 0.6, masks={target: mask})  # the masked layer gets the ADMM update
+    spec = PruneSpec("magnitude", 0.6, masks={target: mask})  # the masked layer gets the ADMM update
     prune_model(model, calib(), spec, progress=False)
     assert torch.equal(stored(model, target) != 0, mask)
     for name in names:
