@@ -44,7 +44,7 @@ from torch import nn  # noqa: E402
 
 from pruning.masks import nm_mask  # noqa: E402
 from pruning.packing import flatten_packed, pack_nm, packed_size_report  # noqa: E402
-from pruning.runner import prunable_linear_names  # noqa: E402
+from pruning.discovery import layer_weight, prunable_linear_names  # noqa: E402
 from pruning.sparse_exec import convert_linear, to_semi_structured  # noqa: E402
 
 DEFAULT_OUT = REPO / "bench" / "results" / "sparse24.json"
@@ -232,7 +232,7 @@ def e2e_cases(plan, pending, device, dtype, timer) -> list[dict]:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     linear_names = prunable_linear_names(model)
     for name in linear_names:
-        make_24_(model.get_submodule(name).weight)
+        make_24_(layer_weight(model.get_submodule(name)))
 
     new_tokens = plan["e2e_new_tokens"]
     prompt = torch.randint(3, config.vocab_size, (1, plan["e2e_prompt"]), device=device)

@@ -21,7 +21,8 @@ _EXPORTS = {
     "is_nm_valid": "masks", "parse_pattern": "masks",
     "perplexity": "perplexity",
     "BlockInputs": "runner", "PruneResult": "runner", "PruneSpec": "runner", "capture_block_inputs": "runner",
-    "decoder_layers": "runner", "prunable_linear_names": "runner", "prune_model": "runner",
+    "prune_model": "runner",
+    "check_prunable": "discovery", "decoder_layers": "discovery", "prunable_linear_names": "discovery",
     "LayerSettings": "settings", "PruneSettings": "settings", "SettingsError": "settings",
 }
 __all__ = sorted(_EXPORTS)

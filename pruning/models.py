@@ -78,7 +78,10 @@ def tiny_config(arch: str = "llama", vocab_size: int = 258):
         from transformers import OPTConfig
         return OPTConfig(vocab_size=vocab_size, hidden_size=64, ffn_dim=128, num_hidden_layers=4,
                          num_attention_heads=4, max_position_embeddings=512, word_embed_proj_dim=64)
-    raise ValueError(f"arch: expected llama, qwen2, mistral, gemma3 or opt, got {arch!r}")
+    if arch == "gpt2":  # transformers Conv1D projections: weights stored (d_in, d_out)
+        from transformers import GPT2Config
+        return GPT2Config(vocab_size=vocab_size, n_embd=64, n_inner=128, n_layer=4, n_head=4, n_positions=512)
+    raise ValueError(f"arch: expected llama, qwen2, mistral, gemma3, opt or gpt2, got {arch!r}")
 
 
 def build_tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32):

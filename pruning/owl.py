@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from .runner import BlockInputs, block_linears, decoder_layers
+from .discovery import block_linears, decoder_layers, layer_weight
+from .runner import BlockInputs
 from .walk import DEFAULT_BATCH_SIZE, LinearTap, walk_block
 
 
@@ -48,7 +49,7 @@ def block_outlier_ratios(model, inputs: BlockInputs, *, m: float = 5.0,
         linears = block_linears(block)
         norms = InputNorms(linears)
         walk_block(block, hidden, inputs.calls[i], batch_size=batch_size, taps=[norms], write_back=True)
-        scores = torch.cat([(lin.weight.float().abs() * norms.sq_norms[name].sqrt()[None, :]).reshape(-1)
+        scores = torch.cat([(layer_weight(lin).float().abs() * norms.sq_norms[name].sqrt()[None, :]).reshape(-1)
                             for name, lin in linears.items() if name in norms.sq_norms])
         ratios.append(float((scores > m * scores.mean()).float().mean()))
     return ratios

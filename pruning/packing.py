@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from .masks import find_nm_violation, parse_pattern
-from .runner import prunable_linear_names
+from .discovery import is_prunable, layer_weight, prunable_linear_names, to_out_in
 
 log = logging.getLogger(__name__)
 
@@ -209,8 +209,8 @@ def _resolve_linears(model: nn.Module, layer_names: list[str] | None) -> list[st
         name[: -len(".weight")] if name.endswith(".weight") else name for name in layer_names]
     for name in names:
         module = model.get_submodule(name)
-        if not isinstance(module, nn.Linear):
-            raise ValueError(f"{name} is a {type(module).__name__}, not an nn.Linear")
+        if not is_prunable(module):
+            raise ValueError(f"{name} is a {type(module).__name__}, not an nn.Linear or Conv1D")
     return names
 
 
@@ -245,8 +245,8 @@ def save_packed_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike, p
     """Write `model` to out_dir with its decoder linears packed (format in the module doc).
 
     layer_names: module (or `.weight` parameter) names to pack; default: every nn.Linear
-    inside the decoder blocks. Every one must be N:M-valid for `pattern`; otherwise a
-    ValueError names the first bad layer, row and group, and nothing is written.
+    or Conv1D inside the decoder blocks (a Conv1D weight is packed as its (d_out, d_in)
+    transpose). Every one must be N:M-valid for `pattern`; otherwise a ValueError names the first bad layer, row and group, and nothing is written.
     tokenizer: saved alongside when not None. Returns the config entry written, plus
     a `size` report (see packed_size_report).
     """
@@ -258,7 +258,7 @@ def save_packed_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike, p
     names = _resolve_linears(model, layer_names)
     # Validate everything before touching the disk, so a bad layer leaves no half-written model.
     for name in names:
-        problem = find_nm_violation(model.get_submodule(name).weight, n, m)
+        problem = find_nm_violation(layer_weight(model.get_submodule(name)), n, m)
         if problem is not None:
             raise ValueError(f"layer {name} is not {n}:{m}-sparse: {problem}; nothing was written")
 
@@ -272,7 +272,8 @@ def save_packed_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike, p
     packed_set = set(packed_params)
     for name, tensor in state.items():
         if name in packed_set:
-            packed = pack_nm(tensor, n, m)
+            # Packed as (d_out, d_in), N:M groups along d_in (Conv1D stores the transpose).
+            packed = pack_nm(to_out_in(model.get_submodule(name.removesuffix(".weight")), tensor), n, m)
             tensors.update({k: v.cpu().contiguous() for k, v in flatten_packed(name, packed).items()})
         else:
             tensors[name] = tensor.detach().cpu().contiguous()
@@ -362,7 +363,8 @@ def load_packed_model(model_dir: str | os.PathLike, *, dtype: torch.dtype | None
             loaded.add(name)
         for name, parts in packed_names.items():
             packed = {part: handle.get_tensor(key) for part, key in parts.items()}
-            state[name].copy_(unpack_nm(packed, device=device))
+            to_out_in(model.get_submodule(name.removesuffix(".weight")), state[name]).copy_(
+                unpack_nm(packed, device=device))
             loaded.add(name)
         for alias, source in aliases.items():
             # from_config normally re-ties these already; copy only if it did not.

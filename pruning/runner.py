@@ -26,42 +26,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .finite import located, require_finite
+from .discovery import (block_linears, decoder_layers, layer_weight, layers_prefix,  # noqa: F401 (re-exported)
+                        prunable_linear_names, set_layer_weight, to_out_in)
 from .gram import GramCollector, exact_fp32_matmul
 from .layer import LayerJob, prune_layers, require_finite_gram, require_finite_weight
 from .settings import LayerSettings, PruneSettings
 from .walk import DEFAULT_BATCH_SIZE, BlockCall, batch_slices, propagate, run_block, walk_block
 
 _CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past")
-_LAYER_PATHS = ("model.layers", "model.decoder.layers", "model.language_model.layers",
-                "transformer.h", "gpt_neox.layers")
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    for path in _LAYER_PATHS:
-        obj = model
-        for attr in path.split("."):
-            obj = getattr(obj, attr, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList):
-            return obj
-    raise ValueError(f"model: cannot find its decoder blocks (looked for {', '.join(_LAYER_PATHS)})")
-
-
-def layers_prefix(model: nn.Module) -> str:
-    layers = decoder_layers(model)
-    return next(name for name, module in model.named_modules() if module is layers)
-
-
-def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
-
-
-def prunable_linear_names(model: nn.Module) -> list[str]:
-    """Full module names of the linears inside decoder blocks (never embeddings or lm_head)."""
-    prefix = layers_prefix(model)
-    return [f"{prefix}.{i}.{name}" for i, block in enumerate(decoder_layers(model))
-            for name in block_linears(block)]
 
 
 # ---------------------------------------------------------------------------- capture
@@ -216,7 +188,13 @@ class PruneSpec(PruneSettings):
         from .shapes import describe_linears
 
         layers = describe_linears(model)
-        plan = self.plan(layers, {name: tuple(mask.shape) for name, mask in (self.masks or {}).items()},
+        modules = dict(model.named_modules())
+
+        def out_in_shape(name, mask):  # masks are laid out like the weight (Conv1D: transposed)
+            module = modules.get(name.removesuffix(".weight"))
+            return tuple((to_out_in(module, mask) if module is not None else mask).shape)
+
+        plan = self.plan(layers, {name: out_in_shape(name, mask) for name, mask in (self.masks or {}).items()},
                          mask_path=mask_path)
         self._n_blocks = max(layer.block for layer in layers) + 1
         return plan
@@ -280,8 +258,9 @@ def _prune_group(index, prefix, names, linears, gram, spec: PruneSpec) -> list[d
     jobs = {}
     for name in names:
         s = spec.settings_for(index, name)
-        jobs[name] = LayerJob(linears[name].weight.data, s.method, s.sparsity, s.pattern, s.options,
-                              user_mask=spec.mask_for(f"{prefix}{index}.{name}"))
+        mask = spec.mask_for(f"{prefix}{index}.{name}")
+        jobs[name] = LayerJob(layer_weight(linears[name]), s.method, s.sparsity, s.pattern, s.options,
+                              user_mask=None if mask is None else to_out_in(linears[name], mask))
     results = prune_layers(jobs, gram)
     seconds = (time.perf_counter() - start) / len(names)  # the shared solve, split evenly
     stats = []
@@ -291,7 +270,7 @@ def _prune_group(index, prefix, names, linears, gram, spec: PruneSpec) -> list[d
                       "method": "admm (user mask)" if job.user_mask is not None else job.method,
                       "pattern": job.pattern, "sparsity": float((new == 0).float().mean()),
                       "rel_error": _relative_error(job.weight, new, gram), "seconds": seconds})
-        linears[name].weight.data = new
+        set_layer_weight(linears[name], new)
     return stats
 
 

@@ -10,15 +10,20 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from .runner import block_linears, decoder_layers, layers_prefix
-from .settings import LayerShape
+from .discovery import block_linears, check_prunable, decoder_layers, layer_shape, layers_prefix
+from .settings import LayerShape, SettingsError
 
 
 def describe_linears(model) -> list[LayerShape]:
-    """The prunable linear layers (inside decoder blocks) with their shapes."""
+    """The prunable layers (nn.Linear or Conv1D inside decoder blocks) with their
+    (d_out, d_in); a model without any is refused, naming its class."""
+    try:
+        check_prunable(model)
+    except ValueError as err:
+        raise SettingsError(("model", "source"), str(err).partition(": ")[2]) from None
     prefix = layers_prefix(model)
-    return [LayerShape(i, name, f"{prefix}.{i}.{name}", linear.out_features, linear.in_features)
-            for i, block in enumerate(decoder_layers(model)) for name, linear in block_linears(block).items()]
+    return [LayerShape(i, name, f"{prefix}.{i}.{name}", *layer_shape(layer))
+            for i, block in enumerate(decoder_layers(model)) for name, layer in block_linears(block).items()]
 
 
 def linear_shapes(config) -> list[LayerShape]:

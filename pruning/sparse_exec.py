@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .masks import find_nm_violation
-from .runner import prunable_linear_names
+from .discovery import is_prunable, layer_weight, prunable_linear_names, to_out_in
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +84,14 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def convert_linear(module: nn.Linear, *, check: bool = True, rtol: float = DEFAULT_RTOL,
+def convert_linear(module: nn.Module, *, check: bool = True, rtol: float = DEFAULT_RTOL,
                    backend: str = "auto") -> str | None:
-    """Make one nn.Linear run semi-structured sparse. Returns None on success, else
-    the reason it stayed dense (the module is then left untouched)."""
+    """Make one nn.Linear (or Conv1D) run semi-structured sparse. Returns None on
+    success, else the reason it stayed dense (the module is then left untouched)."""
     if not torch.cuda.is_available():
         return "no CUDA"
     cls = _backend_class(backend)
-    dense = module.weight.detach()
+    dense = layer_weight(module).detach()  # (d_out, d_in): 2:4 along d_in
     reason = unsupported_reason(dense, cls)
     if reason is not None:
         return reason
@@ -113,7 +113,9 @@ def convert_linear(module: nn.Linear, *, check: bool = True, rtol: float = DEFAU
             err = _relative_error(got, want)
             if not err <= rtol:  # also catches NaN
                 return f"output check failed: relative error {err:.3g} > {rtol:g} at {tokens} tokens"
-    module.weight = nn.Parameter(sparse_weight, requires_grad=False)
+    # Conv1D computes addmm(bias, x, weight): its weight is the sparse tensor's transpose,
+    # which the semi-structured addmm handles as linear(x, sparse).
+    module.weight = nn.Parameter(to_out_in(module, sparse_weight), requires_grad=False)
     return None
 
 
@@ -123,7 +125,7 @@ def to_semi_structured(model: nn.Module, *, layer_names: list[str] | None = None
     """Convert eligible linears of `model` in place; returns
     {"converted": [names], "fell_back": {name: reason}, "backend": name}.
 
-    layer_names: module names to convert; default: every nn.Linear in the decoder
+    layer_names: module names to convert; default: every nn.Linear or Conv1D in the decoder
     blocks (embeddings and lm_head stay dense). Fallbacks are logged as warnings.
     """
     names = prunable_linear_names(model) if layer_names is None else list(layer_names)
@@ -135,8 +137,8 @@ def to_semi_structured(model: nn.Module, *, layer_names: list[str] | None = None
     report["backend"] = _backend_class(backend).BACKEND
     for name in names:
         module = model.get_submodule(name)
-        if not isinstance(module, nn.Linear):
-            reason = f"{type(module).__name__} is not an nn.Linear"
+        if not is_prunable(module):
+            reason = f"{type(module).__name__} is not an nn.Linear or Conv1D"
         else:
             reason = convert_linear(module, check=check, rtol=rtol, backend=backend)
         if reason is None:

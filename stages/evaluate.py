@@ -68,11 +68,11 @@ def layer_report(model, layer_patterns: dict[str, str]) -> tuple[list[dict], flo
     """Per-layer sparsity and N:M validity over the pruned linears only."""
     from pruning.masks import parse_pattern
     from pruning.masks import find_nm_violation
-    from pruning.runner import prunable_linear_names
+    from pruning.discovery import layer_weight, prunable_linear_names
 
     rows, zeros, total, valid = [], 0, 0, []
     for i, name in enumerate(prunable_linear_names(model)):
-        weight = model.get_submodule(name).weight.detach()
+        weight = layer_weight(model.get_submodule(name)).detach()
         layer_zeros = int((weight == 0).sum())
         zeros, total = zeros + layer_zeros, total + weight.numel()
         nm = parse_pattern(layer_patterns.get(name, "unstructured"))

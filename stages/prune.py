@@ -46,11 +46,17 @@ def run() -> None:
     device = resolve_device(params["model"]["device"])
 
     from pruning.models import export_model
-    from pruning.runner import block_linears, decoder_layers, layers_prefix, prune_model
+    from pruning.discovery import (block_linears, check_prunable, decoder_layers, layers_prefix,
+                                   prunable_linear_names)
+    from pruning.runner import prune_model
 
     calibration = read_json(CALIBRATION_DIR / CALIB_META)
     offload = params["model"].get("offload", False)  # memory only: not part of the block fingerprint
     model = load_dense(MODEL_DIR, "cpu" if offload else device)
+    try:
+        check_prunable(model)
+    except ValueError as err:
+        raise ParamError("model.source", str(err).partition(": ")[2]) from None
     masks = load_user_masks(p["mask_file"]) if p.get("mask_file") else None
     n_blocks = len(decoder_layers(model))
     spec = build_spec(prune_settings(params), masks)
