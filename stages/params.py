@@ -28,6 +28,7 @@ SECTION_KEYS = {
     "calibrate": {"data", "nsamples", "seqlen", "seed"},
     "prune": {"method", "sparsity", "pattern", "options", "true_sequential",
               "block_overrides", "layer_overrides", "mask_file", "mask_sha256"},
+    "convert": {"format"},
     "evaluate": {"seqlen", "max_windows", "c4_windows", "wikitext2", "c4", "dense"},
 }
 DATA_KEYS = {"path", "name", "data_files", "split", "text_field"}
@@ -166,6 +167,22 @@ def check_evaluate(params: dict, context: int | None = None) -> dict:
     _bool("evaluate.dense", e.get("dense"))
     check_context("evaluate.seqlen", e["seqlen"], context)
     return e
+
+
+def check_convert(params: dict) -> dict:
+    """convert.format names a weight format of pruning.packing; packed-fp8 needs
+    N:M weights to store (an unstructured model passes through dense)."""
+    from pruning.masks import parse_pattern
+    from pruning.packing import FORMATS
+
+    c = section(params, "convert")
+    if c.get("format") not in FORMATS:
+        raise ParamError("convert.format", f"expected one of {', '.join(FORMATS)}, got {c.get('format')!r}")
+    pattern = params.get("prune", {}).get("pattern")
+    if c["format"] == "packed-fp8" and isinstance(pattern, str) and parse_pattern(pattern) is None:
+        raise ParamError("convert.format", f"packed-fp8 stores N:M weights, but prune.pattern is {pattern!r}; "
+                                           "set prune.pattern to \"2:4\" or convert.format to packed")
+    return c
 
 
 # ------------------------------------------------------------------ prune
@@ -314,4 +331,5 @@ def check_all(params: dict) -> None:
     facts = model_facts(params["model"]["source"])
     check_calibrate(params, facts["context"])
     check_prune(params, facts["blocks"])
+    check_convert(params)
     check_evaluate(params, facts["context"])
