@@ -179,8 +179,10 @@ def fp8_unavailable_reason(kernel: str, device: torch.device | str) -> str | Non
     device = torch.device(device)
     if not hasattr(torch, "_scaled_mm"):
         return f"torch {torch.__version__} has no _scaled_mm"
-    if kernel == "torchao" and _torchao_ops()[1] is not None:
-        return _torchao_ops()[1]
+    if kernel == "torchao":
+        _, reason = _torchao_ops()
+        if reason is not None:
+            return reason
     if device.type != "cuda":
         return None if kernel == "dense" else f"the {kernel} FP8 2:4 kernel needs CUDA, not {device.type}"
     major, minor = torch.cuda.get_device_capability(device)
@@ -232,10 +234,10 @@ class Fp8Linear(nn.Module):
         self.register_buffer("bias", bias)
         self._sparse: tuple = ()
         if kernel == "torchao":
-            ops, reason = _torchao_ops()
-            if ops is None:
+            self._torchao, reason = _torchao_ops()
+            if reason is not None:
                 raise RuntimeError(reason)
-            self._sparse = ops.to_sparse_semi_structured_cutlass_sm9x_f8(weight_fp8)
+            self._sparse = self._torchao.to_sparse_semi_structured_cutlass_sm9x_f8(weight_fp8)
         elif kernel == "cusparselt":
             self._sparse = (torch._cslt_compress(weight_fp8),)
         if self._sparse:
@@ -254,12 +256,12 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, tokens = x.shape[:-1], x.reshape(-1, x.shape[-1])
+        rows = tokens.shape[0]
+        pad = (-rows) % _FP8_ROW_MULTIPLE
+        if pad:  # zero rows (scale 1) whose outputs are dropped
+            tokens = nn.functional.pad(tokens, (0, 0, 0, pad))
         q, scale = quantize_rows(tokens)
-        pad = (-q.shape[0]) % _FP8_ROW_MULTIPLE
-        if pad:  # padded rows are zeros with scale 1; their outputs are dropped
-            q = torch.cat([q, q.new_zeros(pad, q.shape[1])])
-            scale = torch.cat([scale, scale.new_ones(pad)])
-        out = self._matmul(q, scale, x.dtype)[: tokens.shape[0]]
+        out = self._matmul(q, scale, x.dtype)[:rows]
         return out.reshape(*lead, self.out_features)
 
     def _matmul(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -269,9 +271,8 @@ class Fp8Linear(nn.Module):
                                     scale_b=self.weight_scale[None, :], bias=bias, out_dtype=dtype)
         if self.kernel == "torchao":
             sparse, meta = self._sparse
-            ops, _ = _torchao_ops()
-            return ops.rowwise_scaled_linear_sparse_cutlass_f8f8(q, scale, sparse, meta, self.weight_scale,
-                                                                 bias, dtype)
+            return self._torchao.rowwise_scaled_linear_sparse_cutlass_f8f8(q, scale, sparse, meta,
+                                                                           self.weight_scale, bias, dtype)
         # cuSPARSELt: (W q^T) with the weight scales as its per-row alpha, then the token scales.
         out = torch._cslt_sparse_mm(self._sparse[0], q.t(), alpha=self.weight_scale, out_dtype=dtype).t()
         out = out * scale[:, None].to(dtype)
