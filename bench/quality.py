@@ -5,6 +5,7 @@
     python bench/quality.py --profile paper      # 128 x 2048 C4 calibration, full WikiText-2, 256 C4 windows
     python bench/quality.py --profile cpu        # the small CPU protocol (see PROFILES)
     python bench/quality.py --only admm-grad     # a subset of the grid (repeatable flag)
+    python bench/quality.py --profile cpu --only admm-grad-fp8   # FP8 cost of the 2:4 model (issue 17)
 
 Every record is written to bench/results/quality.json as soon as it is measured, and
 a rerun skips records already there (same model, method, pattern, sparsity and
@@ -15,6 +16,8 @@ method (capture depends only on the dense model and the calibration ids); each
 method prunes a fresh deep copy of the dense model. Grams and solves are fp32 in
 every profile (TF32 off) except the admm-grad-tf32 variant, whose solve GEMMs run in
 TF32 (emulated on a CPU); the paper profile keeps the model itself in fp16.
+`admm-grad-fp8` scores one pruned 2:4 model three times: unquantised, with its
+linears stored as packed-fp8, and with FP8 activations too (see fp8_cost).
 
 Imports only torch, transformers, pyarrow and `pruning` (runs on the GPU machine).
 """
@@ -79,6 +82,7 @@ class Run:
     options: dict = field(default_factory=dict)
     true_sequential: bool = False
     owl: bool = False
+    fp8: bool = False   # also score the pruned model with FP8-rounded weights (and activations)
 
 
 BASE = ("magnitude", "wanda", "sparsegpt", "admm", "admm-grad")
@@ -109,6 +113,7 @@ def grid() -> list[Run]:
     runs += base("4:8", 0.5)
     runs += variants("unstructured", 0.7, ["admm-grad-owl", "admm-grad-tseq", "admm-grad-constant"])
     runs += variants("2:4", 0.5, ["admm-grad-tseq", "admm-grad-constant"])
+    runs += [Run("admm-grad-fp8", "admm-grad", "2:4", 0.5, fp8=True)]
     runs += [Run("wanda-owl", "wanda", "unstructured", 0.7, owl=True),
              Run("sparsegpt-owl", "sparsegpt", "unstructured", 0.7, owl=True)]
     runs += variants("unstructured", 0.8, ["admm-grad-owl", "admm-grad-tseq"])
@@ -150,6 +155,59 @@ def load_eval_data(data_dir: Path, tokenizer, profile: Profile):
     c4val = c4_validation_ids(read_documents(data_dir / "c4_validation_2k.parquet"), tokenizer,
                               profile.seqlen, profile.c4_windows)
     return calib, wiki, split_windows(c4val, profile.seqlen, profile.c4_windows)
+
+
+def fp8_cost(model, wiki, c4val, pattern: str, *, device: str, progress: bool) -> dict:
+    """The quality cost of storing the pruned linears as packed-fp8 (pruning.packing).
+
+    Scores the model unquantised, then (in place) with every decoder linear replaced
+    by its packed-fp8 round trip (e4m3 values, one scale per output channel; the
+    activations stay in the model's dtype), then additionally with each linear's
+    input rounded to e4m3 per token, as the FP8 GPU kernels do
+    (pruning.sparse_exec.Fp8Linear). The caller then scores the model as it is left:
+    FP8 weights, unrounded activations. Returns the extra fields of the record.
+    """
+    from pruning.fp8 import round_rows
+    from pruning.masks import parse_pattern
+    from pruning.packing import pack_nm_fp8, unpack_nm
+    from pruning.runner import prunable_linear_names
+
+    def score(desc):
+        return (perplexity(model, wiki, device=device, progress=progress, desc=f"wikitext2 {desc}"),
+                perplexity(model, c4val, device=device, progress=progress, desc=f"c4 {desc}"))
+
+    fields = {}
+    fields["unquantised_wikitext2_ppl"], fields["unquantised_c4_ppl"] = score("unquantised")
+    n, m = parse_pattern(pattern)
+    names = prunable_linear_names(model)
+    with torch.no_grad():
+        for name in names:
+            weight = model.get_submodule(name).weight
+            weight.copy_(unpack_nm(pack_nm_fp8(weight, n, m), dtype=weight.dtype))
+    hooks = [model.get_submodule(name).register_forward_pre_hook(lambda _, args: (round_rows(args[0]),))
+             for name in names]
+    try:
+        fields["fp8_act_wikitext2_ppl"], fields["fp8_act_c4_ppl"] = score("fp8 weights+activations")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    fields["fp8"] = ("weights: packed-fp8 round trip (e4m3, per output channel); fp8_act_*: also each "
+                     "decoder linear's input rounded to e4m3 per token; unquantised_*: the same pruned model "
+                     "before rounding")
+    return fields
+
+
+FP8_TOLERANCE = 0.02  # issue 17: FP8 may cost at most 2 % of the unquantised 2:4 perplexity
+
+
+def fp8_changes(record: dict) -> dict:
+    """Relative WikiText-2 perplexity change of FP8 weights (and activations) over the
+    unquantised model, and whether both stay within FP8_TOLERANCE."""
+    base = record["unquantised_wikitext2_ppl"]
+    weights = record["wikitext2_ppl"] / base - 1
+    both = record["fp8_act_wikitext2_ppl"] / base - 1
+    return {"fp8_wikitext2_change": weights, "fp8_act_wikitext2_change": both,
+            "fp8_within_2pct": abs(weights) <= FP8_TOLERANCE and abs(both) <= FP8_TOLERANCE}
 
 
 def run_grid(profile_name: str, *, out: Path, data_dir: Path, device: str, only: list[str] | None = None,
@@ -199,6 +257,8 @@ def run_grid(profile_name: str, *, out: Path, data_dir: Path, device: str, only:
                 result = prune_model(model, None, spec, device=device, progress=progress, inputs=inputs)
             prune_seconds += result.seconds
             stats = result.layers
+        if run.fp8:
+            extra.update(fp8_cost(model, wiki, c4val, run.pattern, device=device, progress=progress))
         wiki_ppl = perplexity(model, wiki, device=device, progress=progress, desc="wikitext2")
         c4_ppl = perplexity(model, c4val, device=device, progress=progress, desc="c4")
         record = {
@@ -212,6 +272,11 @@ def run_grid(profile_name: str, *, out: Path, data_dir: Path, device: str, only:
             "measured_sparsity": (sum(s["sparsity"] for s in stats) / len(stats)) if stats else 0.0,
             "torch": torch.__version__, "record_seconds": time.perf_counter() - t0, **extra,
         }
+        if run.fp8:
+            record.update(fp8_changes(record))
+            print(f"{run.name}: unquantised wikitext2 {record['unquantised_wikitext2_ppl']:.3f}, fp8 weights "
+                  f"{wiki_ppl:.3f} ({record['fp8_wikitext2_change']:+.2%}), fp8 weights+activations "
+                  f"{record['fp8_act_wikitext2_ppl']:.3f} ({record['fp8_act_wikitext2_change']:+.2%})", flush=True)
         results.add(record)
         print(f"{run.name:20s} {run.pattern:12s} {run.sparsity:.2f}  wikitext2 {wiki_ppl:10.3f}  "
               f"c4 {c4_ppl:10.3f}  prune {prune_seconds:7.1f}s", flush=True)

@@ -33,6 +33,17 @@ dense under its own name. `save_packed_model` writes a model directory:
 Round trip: unpack(pack(W)) is bitwise equal to W, with one documented exception:
 a negative zero in a slot that is not stored comes back as +0.0 (the format keeps
 no sign for pruned entries). -0.0 == +0.0 numerically, so matmul outputs match.
+
+FP8 variant ("nm-packed-fp8", version 1; `weight_format="packed-fp8"`): the same
+layout, except that `values` are float8_e4m3fn and a fifth part holds the scales:
+
+  scale    (d_out,) float32: one scale per output channel (pruning.fp8.quantize_rows:
+           max |row| / 448), so W ~= values * scale[:, None].
+
+For 2:4 this is 0.25 (values) + 0.0625 (2-bit positions) of the fp16 dense bytes,
+plus 2 / d_in for the scales: 0.3130 at d_in = 4096. Loading dequantises to the
+model's dtype; the round trip equals pruning.fp8.round_rows(W) exactly (the pruned
+zeros stay zeros, so the pattern survives).
 """
 from __future__ import annotations
 
@@ -47,6 +58,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .fp8 import E4M3, SCALE_DTYPE, dequantize_rows, quantize_rows
 from .masks import find_nm_violation, parse_pattern
 from .discovery import is_prunable, layer_weight, prunable_linear_names, to_out_in
 
@@ -54,9 +66,12 @@ log = logging.getLogger(__name__)
 
 FORMAT_NAME = "nm-packed"
 FORMAT_VERSION = 1
+# The user-facing names of the formats (params.yaml convert.format) -> on-disk format name.
+FORMATS = {"packed": FORMAT_NAME, "packed-fp8": "nm-packed-fp8"}
 WEIGHTS_FILE = "packed_model.safetensors"
 CONFIG_KEY = "sparsity_packing"
 PARTS = ("values", "indices", "shape", "pattern")
+SCALE_PART = "scale"  # the fifth part, FP8 variant only
 _SUFFIX = ".nm_"  # on-disk name of a part: f"{param}{_SUFFIX}{part}"
 
 # Bound the temporaries of (un)packing (int32 positions, bit expansions) to a few
@@ -145,12 +160,34 @@ def pack_nm(weight: torch.Tensor, n: int, m: int) -> dict[str, torch.Tensor]:
     }
 
 
+def pack_nm_fp8(weight: torch.Tensor, n: int, m: int) -> dict[str, torch.Tensor]:
+    """pack_nm, then the kept values rounded to e4m3 with one float32 scale per output
+    channel: {values (float8_e4m3fn), indices, shape, pattern, scale (d_out,)}.
+
+    The positions come from the unrounded weight, so a value that rounds to zero
+    keeps its slot. Raises ValueError for a non-N:M or non-finite weight.
+    """
+    packed = pack_nm(weight, n, m)
+    values = packed["values"]
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("pack_nm_fp8: the weight holds inf or NaN; it has no FP8 scale")
+    # A row's largest magnitude is among its kept values (the rest are zeros), so
+    # the scales of the kept values are the scales of the rows of W.
+    q = torch.empty(values.shape, dtype=E4M3, device=values.device)
+    scale = torch.empty(values.shape[0], dtype=SCALE_DTYPE, device=values.device)
+    for lo, hi in _row_chunks(*values.shape):
+        q[lo:hi], scale[lo:hi] = quantize_rows(values[lo:hi])
+    return {**packed, "values": q, SCALE_PART: scale}
+
+
 def unpack_nm(packed: Mapping[str, torch.Tensor], *, device: torch.device | str | None = None,
               dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Rebuild the dense weight from pack_nm's dict. Exact (see module doc on -0.0).
+    """Rebuild the dense weight from pack_nm's (or pack_nm_fp8's) dict. Exact (see
+    module doc on -0.0); FP8 values come back as values * scale.
 
-    device/dtype: where and in which dtype to return it (default: those of values).
-    The cast, if any, happens after unpacking. Raises ValueError on malformed input.
+    device/dtype: where and in which dtype to return it (default: the device of
+    values, and their dtype; float32 for FP8 values). For the plain format the cast,
+    if any, happens after unpacking. Raises ValueError on malformed input.
     """
     missing = [p for p in PARTS if p not in packed]
     if missing:
@@ -162,8 +199,10 @@ def unpack_nm(packed: Mapping[str, torch.Tensor], *, device: torch.device | str 
     groups, bits = d_in // m, index_bits(m)
     values = packed["values"]
     indices = packed["indices"]
+    scale = packed.get(SCALE_PART)
     if device is not None:
         values, indices = values.to(device), indices.to(device)
+        scale = None if scale is None else scale.to(device)
     nbytes = (groups * n * bits + 7) // 8
     if tuple(values.shape) != (d_out, groups * n) or tuple(indices.shape) != (d_out, nbytes):
         raise ValueError(f"unpack_nm: parts have shapes values={tuple(values.shape)}, "
@@ -171,7 +210,15 @@ def unpack_nm(packed: Mapping[str, torch.Tensor], *, device: torch.device | str 
                          f"and {(d_out, nbytes)} for shape {(d_out, d_in)} at {n}:{m}")
     if indices.dtype != torch.uint8:
         raise ValueError(f"unpack_nm: indices must be uint8, got {indices.dtype}")
-    out = torch.zeros(d_out, groups, m, dtype=values.dtype, device=values.device)
+    if (values.dtype == E4M3) != (scale is not None):
+        raise ValueError(f"unpack_nm: {values.dtype} values {'with' if scale is not None else 'without'} "
+                         f"a '{SCALE_PART}' part; FP8 values need their scales and only FP8 values have them")
+    if scale is not None and (tuple(scale.shape) != (d_out,) or scale.dtype != SCALE_DTYPE):
+        raise ValueError(f"unpack_nm: scale must be {SCALE_DTYPE} of shape {(d_out,)}, "
+                         f"got {scale.dtype} {tuple(scale.shape)}")
+    # FP8 values are dequantised chunk by chunk straight into the target dtype.
+    work_dtype = values.dtype if scale is None else (dtype or torch.float32)
+    out = torch.zeros(d_out, groups, m, dtype=work_dtype, device=values.device)
     for lo, hi in _row_chunks(d_out, d_in):
         pos = _unpack_bits(indices[lo:hi], bits, groups * n).reshape(hi - lo, groups, n)
         # pack_nm writes increasing, in-range positions; anything else is a corrupt
@@ -179,14 +226,15 @@ def unpack_nm(packed: Mapping[str, torch.Tensor], *, device: torch.device | str 
         if pos.numel() and (int(pos.max()) >= m or (n > 1 and not bool((pos[..., 1:] > pos[..., :-1]).all()))):
             raise ValueError(f"unpack_nm: corrupt indices in rows {lo}..{hi - 1} "
                              f"(positions must be increasing and < M={m})")
-        out[lo:hi].scatter_(-1, pos, values[lo:hi].reshape(hi - lo, groups, n))
+        chunk = values[lo:hi] if scale is None else dequantize_rows(values[lo:hi], scale[lo:hi], work_dtype)
+        out[lo:hi].scatter_(-1, pos, chunk.reshape(hi - lo, groups, n))
     out = out.reshape(d_out, d_in)
     return out if dtype is None else out.to(dtype)
 
 
 def flatten_packed(param_name: str, packed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """pack_nm's dict -> the on-disk tensor names of one parameter."""
-    return {f"{param_name}{_SUFFIX}{part}": packed[part] for part in PARTS}
+    """pack_nm's (or pack_nm_fp8's) dict -> the on-disk tensor names of one parameter."""
+    return {f"{param_name}{_SUFFIX}{part}": packed[part] for part in (*PARTS, SCALE_PART) if part in packed}
 
 
 def _split_packed_names(names) -> tuple[dict[str, dict[str, str]], list[str]]:
@@ -195,7 +243,7 @@ def _split_packed_names(names) -> tuple[dict[str, dict[str, str]], list[str]]:
     dense: list[str] = []
     for name in names:
         base, sep, part = name.rpartition(_SUFFIX)
-        if sep and part in PARTS:
+        if sep and (part in PARTS or part == SCALE_PART):
             packed.setdefault(base, {})[part] = name
         else:
             dense.append(name)
@@ -241,15 +289,20 @@ def _dedupe_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
 
 
 def save_packed_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike, pattern: str,
-                      layer_names: list[str] | None = None) -> dict:
+                      layer_names: list[str] | None = None, weight_format: str = "packed") -> dict:
     """Write `model` to out_dir with its decoder linears packed (format in the module doc).
 
     layer_names: module (or `.weight` parameter) names to pack; default: every nn.Linear
     or Conv1D inside the decoder blocks (a Conv1D weight is packed as its (d_out, d_in)
     transpose). Every one must be N:M-valid for `pattern`; otherwise a ValueError names the first bad layer, row and group, and nothing is written.
+    weight_format: "packed" (values in the model's dtype) or "packed-fp8" (e4m3 values
+    with per-output-channel scales); layers not packed stay dense in the model's dtype.
     tokenizer: saved alongside when not None. Returns the config entry written, plus
     a `size` report (see packed_size_report).
     """
+    if weight_format not in FORMATS:
+        raise ValueError(f"weight_format: expected one of {', '.join(FORMATS)}, got {weight_format!r}")
+    pack = pack_nm_fp8 if weight_format == "packed-fp8" else pack_nm
     nm = parse_pattern(pattern)
     if nm is None:
         raise ValueError("save_packed_model needs an N:M pattern such as '2:4'; "
@@ -258,9 +311,12 @@ def save_packed_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike, p
     names = _resolve_linears(model, layer_names)
     # Validate everything before touching the disk, so a bad layer leaves no half-written model.
     for name in names:
-        problem = find_nm_violation(layer_weight(model.get_submodule(name)), n, m)
+        weight = layer_weight(model.get_submodule(name))
+        problem = find_nm_violation(weight, n, m)
         if problem is not None:
             raise ValueError(f"layer {name} is not {n}:{m}-sparse: {problem}; nothing was written")
+        if pack is pack_nm_fp8 and not bool(torch.isfinite(weight).all()):
+            raise ValueError(f"layer {name} holds inf or NaN, which FP8 cannot scale; nothing was written")
 
     state, aliases = _dedupe_state(model.state_dict())
     packed_params = [f"{name}.weight" for name in names]
@@ -273,7 +329,7 @@ def save_packed_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike, p
     for name, tensor in state.items():
         if name in packed_set:
             # Packed as (d_out, d_in), N:M groups along d_in (Conv1D stores the transpose).
-            packed = pack_nm(to_out_in(model.get_submodule(name.removesuffix(".weight")), tensor), n, m)
+            packed = pack(to_out_in(model.get_submodule(name.removesuffix(".weight")), tensor), n, m)
             tensors.update({k: v.cpu().contiguous() for k, v in flatten_packed(name, packed).items()})
         else:
             tensors[name] = tensor.detach().cpu().contiguous()
@@ -283,11 +339,13 @@ def save_packed_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike, p
 
     first = model.get_submodule(names[0]).weight if names else next(model.parameters())
     entry = {
-        "format": FORMAT_NAME,
+        "format": FORMATS[weight_format],
         "version": FORMAT_VERSION,
         "pattern": f"{n}:{m}",
         "index_bits": index_bits(m),
         "dtype": str(first.dtype).removeprefix("torch."),
+        **({"values_dtype": str(E4M3).removeprefix("torch."), "scale": "float32 per output channel"}
+           if pack is pack_nm_fp8 else {}),
         "weights_file": WEIGHTS_FILE,
         "packed": packed_params,
         "tied": aliases,
@@ -319,9 +377,9 @@ def read_packing_entry(model_dir: str | os.PathLike) -> dict:
     if not isinstance(entry, dict):
         raise ValueError(f"{path} has no '{CONFIG_KEY}' entry: not a packed model "
                          "(load a dense model with from_pretrained)")
-    if entry.get("format") != FORMAT_NAME or entry.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported packing {entry.get('format')!r} version "
-                         f"{entry.get('version')!r}; this code reads {FORMAT_NAME!r} v{FORMAT_VERSION}")
+    if entry.get("format") not in FORMATS.values() or entry.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported packing {entry.get('format')!r} version {entry.get('version')!r}; "
+                         f"this code reads {' and '.join(map(repr, FORMATS.values()))} v{FORMAT_VERSION}")
     return entry
 
 
@@ -330,7 +388,9 @@ def load_packed_model(model_dir: str | os.PathLike, *, dtype: torch.dtype | None
     """Rebuild a model written by save_packed_model: from_config, unpack, load. Returns the model.
 
     dtype: default = the dtype the weights were saved in (then outputs equal the
-    saved model's exactly). device: where the model is built and weights unpacked.
+    saved model's exactly; for packed-fp8, FP8 weights are dequantised to it and equal
+    pruning.fp8.round_rows of the saved ones). device: where the model is built and
+    weights unpacked.
     The returned model is in eval mode; its config no longer carries the packing
     entry (its weights are dense now). The tokenizer: load_packed_tokenizer(model_dir).
     """
@@ -364,7 +424,7 @@ def load_packed_model(model_dir: str | os.PathLike, *, dtype: torch.dtype | None
         for name, parts in packed_names.items():
             packed = {part: handle.get_tensor(key) for part, key in parts.items()}
             to_out_in(model.get_submodule(name.removesuffix(".weight")), state[name]).copy_(
-                unpack_nm(packed, device=device))
+                unpack_nm(packed, device=device, dtype=state[name].dtype))
             loaded.add(name)
         for alias, source in aliases.items():
             # from_config normally re-ties these already; copy only if it did not.
@@ -393,8 +453,8 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
                 "U32": 4, "U64": 8}
 
 
-def _safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file: {name: {dtype, shape, data_offsets}}.
+def _safetensors_header(path: Path) -> tuple[dict, dict]:
+    """The JSON header of a safetensors file: ({name: {dtype, shape, data_offsets}}, metadata).
 
     (Format: 8-byte little-endian header length, then the JSON.) Reading it gives
     exact stored sizes without loading any tensor data.
@@ -402,44 +462,59 @@ def _safetensors_header(path: Path) -> dict:
     with open(path, "rb") as handle:
         (length,) = struct.unpack("<Q", handle.read(8))
         header = json.loads(handle.read(length))
-    header.pop("__metadata__", None)
-    return header
+    return header, header.pop("__metadata__", None) or {}
 
 
-def packed_size_report(source) -> dict:
+def packed_size_report(source, dense_dtype: torch.dtype | None = None) -> dict:
     """Bytes of the packed linear weights vs the same weights stored dense.
 
     source: a packed model directory, a .safetensors file, or a mapping of on-disk
     tensor names (as flatten_packed / the file use) to tensors.
-    Returns {packed_bytes, dense_bytes, size_ratio, num_packed, other_bytes} and,
-    for files, file_bytes (whole file, header included). packed_bytes counts all four
-    parts; dense_bytes = d_out * d_in * itemsize of the values dtype.
+    dense_dtype: the dtype of the dense comparison. Default: the dtype the weights
+    load back as: the model's dtype recorded in a file's packing entry, else the
+    values' dtype (a mapping of FP8 parts has no such record: pass it).
+    Returns {packed_bytes, dense_bytes, size_ratio, fp16_dense_bytes, fp16_size_ratio,
+    num_packed, other_bytes} and, for files, file_bytes (whole file, header included).
+    packed_bytes counts every part; dense_bytes = d_out * d_in * itemsize of
+    dense_dtype; fp16_* compare with the same weights dense at 16 bits.
     """
     report: dict = {}
     if isinstance(source, Mapping):
         sizes = {k: v.numel() * v.element_size() for k, v in source.items()}
         packed_names, dense_names = _split_packed_names(sizes)
         shapes = {p: [int(x) for x in source[parts["shape"]].tolist()] for p, parts in packed_names.items()}
-        itemsize = {p: source[parts["values"]].element_size() for p, parts in packed_names.items()}
+        values = {p: source[parts["values"]] for p, parts in packed_names.items()}
+        values_itemsize = {p: v.element_size() for p, v in values.items()}
+        fp8 = {p for p, v in values.items() if v.dtype == E4M3}
     else:
         path = Path(source)
         if path.is_dir():
             path = path / read_packing_entry(path)["weights_file"]
-        header = _safetensors_header(path)
+        header, metadata = _safetensors_header(path)
+        if dense_dtype is None and CONFIG_KEY in metadata:
+            dense_dtype = getattr(torch, json.loads(metadata[CONFIG_KEY])["dtype"])
         sizes = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()}
         packed_names, dense_names = _split_packed_names(sizes)
         from safetensors import safe_open
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             shapes = {p: [int(x) for x in handle.get_tensor(parts["shape"]).tolist()]
                       for p, parts in packed_names.items()}
-        itemsize = {p: _DTYPE_BYTES[header[parts["values"]]["dtype"]] for p, parts in packed_names.items()}
+        values_itemsize = {p: _DTYPE_BYTES[header[parts["values"]]["dtype"]] for p, parts in packed_names.items()}
+        fp8 = {p for p, parts in packed_names.items() if header[parts["values"]]["dtype"] == "F8_E4M3"}
         report["file_bytes"] = path.stat().st_size
+    if dense_dtype is None and fp8:
+        raise ValueError("packed_size_report: FP8 parts load back in another dtype; pass dense_dtype")
+    itemsize = {p: dense_dtype.itemsize if dense_dtype is not None else values_itemsize[p] for p in packed_names}
+
+    elements = sum(shapes[p][0] * shapes[p][1] for p in packed_names)
     packed_bytes = sum(sizes[name] for parts in packed_names.values() for name in parts.values())
     dense_bytes = sum(shapes[p][0] * shapes[p][1] * itemsize[p] for p in packed_names)
     report.update({
         "packed_bytes": packed_bytes,
         "dense_bytes": dense_bytes,
         "size_ratio": packed_bytes / dense_bytes if dense_bytes else None,
+        "fp16_dense_bytes": 2 * elements,
+        "fp16_size_ratio": packed_bytes / (2 * elements) if elements else None,
         "num_packed": len(packed_names),
         "other_bytes": sum(sizes[name] for name in dense_names),
     })

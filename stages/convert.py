@@ -2,9 +2,11 @@
 
 For an N:M prune.pattern, writes the pruned model in the packed N:M format
 (pruning.packing: only the kept values plus in-group indices) to artifacts/converted;
-packing refuses a layer that is not N:M-valid. An unstructured model has no packed
-format: the stage passes the weights through (evaluate and report read
-artifacts/pruned directly), writes a note saying so, and logs it.
+packing refuses a layer that is not N:M-valid. convert.format picks the values:
+`packed` keeps the model's dtype, `packed-fp8` stores e4m3 values with one scale per
+output channel (evaluate then scores the FP8-rounded weights). An unstructured
+model has no packed format: the stage passes the weights through (evaluate and
+report read artifacts/pruned directly), writes a note saying so, and logs it.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from pruning.settings import SettingsError, parse_pattern
 
 from .artifact_io import read_json, write_json
 from .modelio import load_dense, load_tokenizer
-from .params import load_params, section
+from .params import check_convert, load_params, section
 from .paths import CONVERT_JSON, CONVERT_METRICS, CONVERTED_DIR, PRUNE_LOG, PRUNED_DIR
 from .runtime import main_wrapper, say
 
@@ -26,6 +28,7 @@ def run() -> None:
         nm = parse_pattern(pattern)
     except SettingsError as err:
         raise err.within("prune") from None
+    weight_format = check_convert(params)["format"]
 
     CONVERTED_DIR.mkdir(parents=True, exist_ok=True)
     if nm is None:
@@ -43,13 +46,16 @@ def run() -> None:
     log = read_json(PRUNED_DIR / PRUNE_LOG)
     names = [layer["name"] for layer in log["layers"] if layer["pattern"] == pattern]
     model = load_dense(PRUNED_DIR, "cpu")
-    entry = save_packed_model(model, load_tokenizer(PRUNED_DIR), CONVERTED_DIR, pattern, layer_names=names)
+    entry = save_packed_model(model, load_tokenizer(PRUNED_DIR), CONVERTED_DIR, pattern, layer_names=names,
+                              weight_format=weight_format)
     size = entry["size"]
-    write_json(CONVERTED_DIR / CONVERT_JSON, {"packed": True, "pattern": pattern, "weights": str(CONVERTED_DIR),
-                                              "packed_layers": len(names), "dense_layers": len(log["layers"]) - len(names)})
-    write_json(CONVERT_METRICS, {"packed": True, "packed_layers": len(names), **size})
-    say(STAGE, f"packed {len(names)} layers as {pattern}: linear weights {size['packed_bytes'] / 2**20:.1f} MiB "
-               f"instead of {size['dense_bytes'] / 2**20:.1f} MiB dense -> {CONVERTED_DIR}")
+    write_json(CONVERTED_DIR / CONVERT_JSON, {"packed": True, "format": weight_format, "pattern": pattern,
+                                              "weights": str(CONVERTED_DIR), "packed_layers": len(names),
+                                              "dense_layers": len(log["layers"]) - len(names)})
+    write_json(CONVERT_METRICS, {"packed": True, "format": weight_format, "packed_layers": len(names), **size})
+    say(STAGE, f"packed {len(names)} layers as {pattern} ({weight_format}): linear weights "
+               f"{size['packed_bytes'] / 2**20:.1f} MiB instead of {size['dense_bytes'] / 2**20:.1f} MiB dense "
+               f"({size['fp16_size_ratio']:.4f}x of fp16) -> {CONVERTED_DIR}")
 
 
 if __name__ == "__main__":

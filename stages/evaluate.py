@@ -99,7 +99,7 @@ def run() -> None:
     converted = read_json(CONVERTED_DIR / CONVERT_JSON)
     if converted["packed"]:
         from pruning.packing import load_packed_model
-        say(STAGE, f"evaluating the packed model in {CONVERTED_DIR}")
+        say(STAGE, f"evaluating the {converted.get('format', 'packed')} model in {CONVERTED_DIR}")
         model = load_packed_model(CONVERTED_DIR, device=device)
     else:
         model = load_dense(PRUNED_DIR, device)
@@ -112,7 +112,8 @@ def run() -> None:
         **pruned, "sparsity": sparsity, "nm_valid": nm_valid,
         **{f"dense_{k}": v for k, v in dense.items()},
         "seqlen": e["seqlen"], "wikitext2_windows": counts["wikitext2"], "c4_windows": counts["c4"],
-        "protocol": "full" if full else "subset", "evaluated_packed": converted["packed"], "device": device,
+        "protocol": "full" if full else "subset", "evaluated_packed": converted["packed"],
+        "evaluated_format": converted.get("format", "packed") if converted["packed"] else "dense", "device": device,
     }
     write_json(EVAL_METRICS, metrics)
     write_csv(EVAL_LAYERS_PLOT, rows)

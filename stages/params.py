@@ -175,6 +175,9 @@ def check_convert(params: dict) -> dict:
     if c["format"] not in CONVERT_FORMATS:
         raise ParamError("convert.format", f"expected one of {', '.join(CONVERT_FORMATS)}, got {c['format']!r}"
                                            + did_you_mean(c["format"], CONVERT_FORMATS))
+    if c["format"] == "packed-fp8" and params.get("prune", {}).get("pattern") == "unstructured":
+        raise ParamError("convert.format", "packed-fp8 stores N:M weights, but prune.pattern is 'unstructured'; "
+                                           "set prune.pattern to \"2:4\" or convert.format to packed")
     return c
 
 

@@ -211,7 +211,7 @@ def markdown(params: dict, source: dict, ev: dict, pr: dict, conv: dict, meta: d
         lines.append(f"| {p['pattern']} pattern valid in every layer | — | {ev['nm_valid']} |")
     if conv.get("packed"):
         lines.append(f"| linear weights on disk (MiB) | {conv['dense_bytes'] / 2**20:.1f} | "
-                     f"{conv['packed_bytes'] / 2**20:.1f} (packed {p['pattern']}) |")
+                     f"{conv['packed_bytes'] / 2**20:.1f} ({conv.get('format', 'packed')} {p['pattern']}) |")
     lines += [
         "",
         f"Calibration: {params['calibrate']['nsamples']} windows x {params['calibrate']['seqlen']} tokens of "
@@ -252,7 +252,7 @@ def run() -> None:
     meta = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "git": git_state(),
-        "params": {k: params[k] for k in ("model", "calibrate", "prune", "evaluate")},
+        "params": {k: params[k] for k in ("model", "calibrate", "prune", "convert", "evaluate")},
         "seeds": {"calibrate.seed": params["calibrate"]["seed"],
                   **({"tiny-random-llama weights": 0} if source["source"] == "tiny-random-llama" else {})},
         "device": device_info(ev["device"]),

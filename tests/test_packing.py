@@ -1,10 +1,8 @@
-"""nm-packed format (pruning/packing.py), semi-structured execution (pruning/sparse_exec.py)
-and the CPU smoke path of bench/sparse24.py. Fast, CPU; GPU tests are marked `gpu`."""
+"""nm-packed format (pruning/packing.py) and semi-structured execution (pruning/sparse_exec.py).
+Fast, CPU; GPU tests are marked `gpu`. The FP8 variant: test_fp8.py; the bench: test_sparse24.py."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +26,6 @@ from pruning.packing import (
 )
 from pruning.sparse_exec import to_semi_structured
 
-REPO = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 _INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
@@ -316,35 +313,7 @@ def test_load_packed_model_on_gpu(tmp_path):
         assert torch.equal(loaded.get_submodule(name).weight.cpu(), model.get_submodule(name).weight)
 
 
-# -------------------------------------------------------------- bench smoke
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_sparse24", REPO / "bench" / "sparse24.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_bench_cpu_smoke_writes_no_gpu_claims(tmp_path):
-    out = tmp_path / "sparse24.json"
-    data = load_bench().main(["--cpu-smoke", "--size-shapes", "tiny", "--out", str(out)])
-    written = json.loads(out.read_text())
-    assert written == data
-    assert written["device"].startswith("none")
-    assert written["cases"] == []
-    assert 0.5 < written["size_ratio"] <= 0.57
-    assert "python bench/sparse24.py" in written["note"]
-    assert "e2e tiny" in written["cpu_smoke_exercised"]
-
-
-def test_bench_smoke_keeps_existing_gpu_results(tmp_path):
-    out = tmp_path / "sparse24.json"
-    gpu_results = {"device": "NVIDIA H100 (sm_90)", "size_ratio": 0.5625,
-                   "cases": [{"case": "linear 4096x4096 t1", "dense_ms": 1.0, "sparse_ms": 0.8, "speedup": 1.25}]}
-    out.write_text(json.dumps(gpu_results))
-    load_bench().main(["--cpu-smoke", "--size-shapes", "tiny", "--only", "linear", "--out", str(out)])
-    assert json.loads(out.read_text()) == gpu_results
-
+# ------------------------------------------------------------ architectures
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma3", "opt"])
 def test_roundtrip_across_architectures_with_tokenizer(tmp_path, arch):

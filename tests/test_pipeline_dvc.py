@@ -121,6 +121,32 @@ def test_two_four_pattern_is_packed_checked_and_evaluated_from_the_packed_model(
     assert note["packed"] is False and "pass through" in note["reason"]
 
 
+def test_packed_fp8_format_is_written_and_evaluated_from_the_fp8_weights(repo):
+    """convert.format=packed-fp8 reruns convert onward only, writes e4m3 weights, and
+    evaluate scores exactly their dequantisation (each pruned linear rounded per row)."""
+    from pruning.fp8 import round_rows
+    from pruning.packing import load_packed_model
+
+    set_params(repo, "prune.pattern=2:4", "convert.format=packed-fp8")
+    try:
+        got = decisions(dvc(repo, "repro"))
+        assert got["convert"] == got["evaluate"] == "ran" and got["calibrate"] == "skipped", got
+        convert = read_json(repo / "metrics" / "convert.json")
+        assert convert["format"] == "packed-fp8" and convert["packed_layers"] == 28
+        # tiny-random-llama: d_in 64 and 128, so the per-row scales weigh 2/64 and 2/128 of fp16
+        assert convert["fp16_size_ratio"] < 0.35 and convert["dense_bytes"] == 2 * convert["fp16_dense_bytes"]
+        ev = read_json(repo / "metrics" / "eval.json")
+        assert ev["evaluated_format"] == "packed-fp8" and ev["nm_valid"] is True
+        pruned = load_file(repo / "artifacts" / "pruned" / "model.safetensors")
+        fp8 = load_packed_model(repo / "artifacts" / "converted").state_dict()
+        linears = [f"{layer['name']}.weight" for layer in read_json(repo / "artifacts" / "pruned" / "prune_log.json")["layers"]]
+        assert all(torch.equal(fp8[name], round_rows(pruned[name])) for name in linears)
+        assert "packed-fp8 2:4" in (repo / "reports" / "report.md").read_text()
+    finally:
+        set_params(repo, "prune.pattern=unstructured", "convert.format=packed")
+    dvc(repo, "repro")
+
+
 def test_corrupted_or_missing_artifact_is_detected_and_rebuilt(repo):
     ids = repo / "artifacts" / "calibration" / "input_ids.safetensors"
     good = tree_digest(ids)

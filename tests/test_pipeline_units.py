@@ -91,6 +91,8 @@ def _params(workspace):
     ("evaluate", "seqlen", 4096, "evaluate.seqlen"),
     ("evaluate", "max_windows", -1, "evaluate.max_windows"),
     ("evaluate", "typo", 1, "evaluate.typo"),
+    ("convert", "format", "fp8", "convert.format"),
+    ("convert", "format", "packed-fp8", "convert.format"),  # the tiny params prune unstructured: nothing to store
 ])
 def test_bad_params_are_refused_naming_the_key(workspace, section, key, value, named):
     from stages.params import ParamError
