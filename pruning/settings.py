@@ -72,7 +72,12 @@ def _dotted(path: Sequence) -> str:
 
 
 class _Invalid(Exception):
-    """A value check failed; the caller knows the path."""
+    """A value check failed; the caller knows the path (a cross-option check names
+    the option to blame in `key`)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 def nearest(name: str, candidates: Iterable[str]) -> str | None:
@@ -269,7 +274,7 @@ class AdmmGradOptions(AdmmOptions):
     def check(self) -> None:
         if self.mask_steps > self.iters:
             raise _Invalid(f"mask_steps={self.mask_steps} exceeds iters={self.iters}; "
-                           f"expected mask_steps in [1, iters]")
+                           f"expected mask_steps in [1, iters]", key="mask_steps")
 
 
 @dataclass(frozen=True)
@@ -310,16 +315,8 @@ def build_options(options_type: type, values: Mapping, path_of: Callable[[str], 
         try:
             options.check()
         except _Invalid as err:
-            raise SettingsError(path_of("mask_steps"), str(err)) from None
+            raise SettingsError(path_of(err.key), str(err)) from None
     return options
-
-
-def method_options(method: str, values: Mapping | None = None):
-    """The typed options of `method` (paths relative to the options mapping)."""
-    if method not in METHODS:
-        raise SettingsError(("method",), f"expected one of {', '.join(METHODS)}, got {method!r}"
-                                         + did_you_mean(method, METHODS))
-    return build_options(METHODS[method].options, values or {}, lambda key: (key,), f"method {method!r}")
 
 
 # ---------------------------------------------------------------------------- layers
