@@ -8,24 +8,9 @@ both paths give the same mask.
 """
 from __future__ import annotations
 
-import re
-
 import torch
 
-_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
-
-
-def parse_pattern(pattern: str) -> tuple[int, int] | None:
-    """'unstructured' -> None; 'N:M' with 0 < N < M -> (N, M). Anything else: ValueError."""
-    if pattern == "unstructured":
-        return None
-    match = _PATTERN.match(str(pattern))
-    if match is None:
-        raise ValueError(f"pattern: expected 'unstructured' or 'N:M' such as '2:4', got {pattern!r}")
-    n, m = int(match.group(1)), int(match.group(2))
-    if not 0 < n < m:
-        raise ValueError(f"pattern: N:M needs 0 < N < M, got {pattern!r} (did you mean '{m}:{n}'?)")
-    return n, m
+from .settings import parse_pattern  # noqa: F401 (one parser of N:M patterns, re-exported)
 
 
 SELECT_PATHS = ("auto", "kthvalue", "sort")
