@@ -75,13 +75,17 @@ def input_artifacts(params: dict) -> dict:
 
 def layer_targets(prune_log: dict) -> dict[str, float]:
     """Target sparsity of every pruned layer (full name), from the settings the prune
-    stage resolved per block (an N:M pattern without a sparsity targets 1 - N/M)."""
+    stage resolved per block (an N:M pattern without a sparsity targets 1 - N/M; a
+    layer with a user mask targets what its mask prunes)."""
     from pruning.masks import parse_pattern
 
     targets = {}
     for layer in prune_log["layers"]:
         in_block = prune_log["block_settings"][int(layer["block"])]["layers"]
         settings = next(v for k, v in in_block.items() if layer["name"].endswith("." + k))
+        if settings.get("user_mask"):  # the user's mask sets it: its own fraction of pruned weights
+            targets[layer["name"]] = layer["sparsity"]
+            continue
         nm = parse_pattern(settings["pattern"])
         targets[layer["name"]] = settings["sparsity"] if settings["sparsity"] is not None else 1 - nm[0] / nm[1]
     return targets

@@ -205,3 +205,16 @@ def test_tiny_profile_is_not_sold_as_a_one_minute_run(name):
     2.5-3 min, mostly six Python start-ups with torch and Prefect's server)."""
     text = (ROOT / name).read_text().lower()
     assert "about a minute" not in text and "one-minute" not in text
+
+
+def test_layer_targets_of_a_user_mask_layer_are_its_masks_own():
+    """Red when a user-mask layer (resolved as method admm with no sparsity or pattern
+    of its own) makes the report stage crash on its missing target."""
+    from stages.report import layer_targets
+    log = {"block_settings": [{"layers": {
+               "self_attn.q_proj": {"method": "admm", "sparsity": None, "pattern": "unstructured",
+                                    "options": {}, "user_mask": True},
+               "mlp.down_proj": {"method": "admm-grad", "sparsity": None, "pattern": "2:4", "options": {}}}}],
+           "layers": [{"block": 0, "name": "model.layers.0.self_attn.q_proj", "sparsity": 0.3125},
+                      {"block": 0, "name": "model.layers.0.mlp.down_proj", "sparsity": 0.5}]}
+    assert layer_targets(log) == {"model.layers.0.self_attn.q_proj": 0.3125, "model.layers.0.mlp.down_proj": 0.5}
