@@ -56,7 +56,7 @@ def run() -> None:
     try:
         check_prunable(model)
     except ValueError as err:
-        raise ParamError("model.source", str(err).partition(": ")[2]) from None
+        raise SettingsError(("model", "source"), str(err).partition(": ")[2]) from None
     masks = load_user_masks(p["mask_file"]) if p.get("mask_file") else None
     n_blocks = len(decoder_layers(model))
     spec = build_spec(prune_settings(params), masks)
