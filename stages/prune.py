@@ -46,8 +46,7 @@ def run() -> None:
     device = resolve_device(params["model"]["device"])
 
     from pruning.models import export_model
-    from pruning.discovery import (block_linears, check_prunable, decoder_layers, layers_prefix,
-                                   prunable_linear_names)
+    from pruning.discovery import block_linears, check_prunable, decoder_layers, layers_prefix
     from pruning.runner import prune_model
 
     calibration = read_json(CALIBRATION_DIR / CALIB_META)
