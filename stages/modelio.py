@@ -23,6 +23,16 @@ def load_tokenizer(path: str | Path = MODEL_DIR):
     return AutoTokenizer.from_pretrained(str(path))
 
 
+def window_bos_id(tokenizer, path: str | Path = MODEL_DIR) -> int | None:
+    """The BOS token every calibration and evaluation window starts with, for models
+    that need one (pruning.data.window_bos), else None. Calibrate and evaluate both ask
+    here, so they cut windows by the same rule."""
+    from transformers import AutoConfig
+
+    from pruning.data import window_bos_id as bos_for
+    return bos_for(AutoConfig.from_pretrained(str(path)), tokenizer)
+
+
 def imported_context() -> int:
     """The imported model's maximum context (from its source record: no weights read)."""
     return int(read_json(MODEL_DIR / MODEL_SOURCE_JSON)["max_context"])

@@ -203,7 +203,9 @@ def markdown(params: dict, source: dict, ev: dict, pr: dict, conv: dict, meta: d
         f"# Pruning report: {source['source']}, {p['method']} at sparsity {p['sparsity']} ({p['pattern']})",
         "",
         f"Perplexity on windows of {ev['seqlen']} tokens, batch 1 ({protocol}; "
-        f"WikiText-2: {ev['wikitext2_windows']} windows, C4 validation: {ev['c4_windows']} windows).",
+        f"WikiText-2: {ev['wikitext2_windows']} windows, C4 validation: {ev['c4_windows']} windows"
+        + ("; every window is BOS + seqlen - 1 text tokens, as this model family needs" if ev.get("window_bos") else "")
+        + ").",
         "",
         "| | dense | pruned |",
         "|---|---:|---:|",
