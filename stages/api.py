@@ -39,7 +39,7 @@ from pruning.data import TEXT_SUFFIXES
 from pruning.settings import MODEL_ALIASES, SettingsError
 
 from .model_card import calibration_sentence
-from .params import SECTIONS, check_calibrate, check_data_spec, check_model, read_yaml
+from .params import SECTIONS, check_calibrate, check_data_spec, check_model, check_prune, read_yaml
 from .pruner import prune as prune_with_params
 from .textdata import calibration_ids, load_texts
 
@@ -161,6 +161,7 @@ def prune(model=None, data=None, recipe=None, *, tokenizer=None, masks: dict | N
         raise SettingsError(("data",), "give the calibration text (a list of strings, a file or a dataset "
                                        "name) or calibrate.data in the recipe")
 
+    check_prune(settings)  # what needs no model, before anything is loaded
     texts = text_source(data)
     model, tokenizer, source = _load_model(model, tokenizer, m, given.get("model") or {})
     from pruning.models import max_context
