@@ -5,6 +5,7 @@
   admm-prune runs                                           past runs' params and metrics side by side
   admm-prune sweep --sparsities 0.5,0.6 --methods wanda,admm-grad
   admm-prune serve --cron "0 3 * * *"                       scheduled re-runs (Prefect deployment)
+  admm-prune publish ORG/NAME [--private]                   upload reports/model to the Hugging Face hub
 
 Every command works on the workspace given by -C (default: the current directory).
 """
@@ -69,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve a cron-scheduled deployment of the pipeline flow")
     serve_arguments(serve)
+
+    publish = sub.add_parser("publish", help="upload the pruned model folder to the Hugging Face hub "
+                                             "(token: HF_TOKEN or `hf auth login`)")
+    publish.add_argument("repo_id", help="the hub repository, e.g. my-org/smollm2-135m-admm-grad-50")
+    publish.add_argument("--private", action="store_true", help="create the repository as private")
+    publish.add_argument("--folder", default=str(REPORT_DIR / "model"),
+                         help="the folder to upload, relative to the workspace (default: %(default)s; "
+                              "artifacts/converted for the packed N:M model)")
     return parser
 
 
@@ -197,7 +206,19 @@ def cmd_serve(args, workspace: Path) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "runs": cmd_runs, "sweep": cmd_sweep, "serve": cmd_serve}
+def cmd_publish(args, workspace: Path) -> int:
+    from .publish import PublishError, publish
+    try:
+        url = publish(workspace / args.folder, args.repo_id, private=args.private)
+    except PublishError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_STAGE
+    print(f"published {args.folder} to {args.repo_id}: {url}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "runs": cmd_runs, "sweep": cmd_sweep, "serve": cmd_serve,
+            "publish": cmd_publish}
 
 
 def main(argv: list[str] | None = None) -> int:

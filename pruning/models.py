@@ -155,13 +155,25 @@ def _without_quantization(model):
     return plain.eval()
 
 
+# What from_pretrained records about the machine it loaded from; save_pretrained would
+# write them into tokenizer_config.json, where they mean nothing to anyone else.
+MACHINE_LOCAL_TOKENIZER_KEYS = ("is_local", "local_files_only")
+
+
+def save_tokenizer(tokenizer, out_dir: str | Path) -> None:
+    """tokenizer.save_pretrained, without the machine-local fields of its load."""
+    for key in MACHINE_LOCAL_TOKENIZER_KEYS:
+        tokenizer.init_kwargs.pop(key, None)
+    tokenizer.save_pretrained(out_dir)
+
+
 def export_model(model, tokenizer, out_dir: str | Path) -> Path:
     """Write safetensors + config (+ tokenizer) that from_pretrained loads."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _without_quantization(model).save_pretrained(out_dir, safe_serialization=True)
     if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+        save_tokenizer(tokenizer, out_dir)
     return out_dir
 
 

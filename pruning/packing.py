@@ -366,7 +366,8 @@ def save_packed_model(model: nn.Module, tokenizer, out_dir: str | os.PathLike, p
     save_file(tensors, str(tmp), metadata={"format": "pt", CONFIG_KEY: json.dumps(entry)})
     os.replace(tmp, out / WEIGHTS_FILE)  # readers never see a half-written file
     if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+        from .models import save_tokenizer
+        save_tokenizer(tokenizer, out)
     return {**entry, "size": packed_size_report(out)}
 
 

@@ -13,12 +13,10 @@ import torch
 from .artifact_io import write_json, write_tensors
 from .block_inputs import save_block_inputs
 from .modelio import imported_context, load_dense, load_tokenizer, window_bos_id
-from pruning.settings import SettingsError
-
 from .params import check_calibrate, load_params
 from .paths import CALIB_IDS, CALIB_INPUTS, CALIB_META, CALIBRATION_DIR, MODEL_DIR
 from .runtime import main_wrapper, resolve_device, say
-from .textdata import load_texts
+from .textdata import calibration_ids, load_texts
 
 STAGE = "calibrate"
 
@@ -28,7 +26,6 @@ def run() -> None:
     c = check_calibrate(params, context=imported_context())  # seqlen vs context before any work
     device = resolve_device(params["model"]["device"])
 
-    from pruning.data import calibration_windows
     from pruning.runner import capture_block_inputs
 
     documents = load_texts("calibrate.data", c["data"])
@@ -36,10 +33,7 @@ def run() -> None:
     bos_id = window_bos_id(tokenizer)
     say(STAGE, f"{c['nsamples']} windows x {c['seqlen']} tokens from {len(documents)} documents "
                f"of {c['data']['path']} (seed {c['seed']})" + ("; each starts with BOS" if bos_id is not None else ""))
-    try:
-        ids = calibration_windows(documents, tokenizer, c["nsamples"], c["seqlen"], c["seed"], bos_id=bos_id)
-    except SettingsError as err:
-        raise err.within("calibrate") from None
+    ids = calibration_ids(documents, tokenizer, c, bos_id)
 
     offload = params["model"].get("offload", False)
     # With offload the runner moves one block at a time to the device.

@@ -7,6 +7,8 @@ packing refuses a layer that is not N:M-valid. convert.format picks the values:
 output channel (evaluate then scores the FP8-rounded weights). An unstructured
 model has no packed format: the stage passes the weights through (evaluate and
 report read artifacts/pruned directly), writes a note saying so, and logs it.
+A packed folder carries its own model card (README.md) saying how to load it:
+transformers' from_pretrained cannot, pruning.packing.load_packed_model can.
 """
 from __future__ import annotations
 
@@ -15,7 +17,10 @@ from pruning.settings import SettingsError, parse_pattern
 from .artifact_io import read_json, write_json
 from .modelio import load_dense, load_tokenizer
 from .params import check_convert, load_params, section
-from .paths import CONVERT_JSON, CONVERT_METRICS, CONVERTED_DIR, PRUNE_LOG, PRUNED_DIR
+from .hashing import hash_tree
+from .model_card import CardFacts, source_facts, write_card
+from .paths import (CONVERT_JSON, CONVERT_METRICS, CONVERTED_DIR, MODEL_DIR, MODEL_SOURCE_JSON, PRUNE_LOG,
+                    PRUNED_DIR)
 from .runtime import main_wrapper, say
 
 STAGE = "convert"
@@ -49,6 +54,10 @@ def run() -> None:
     entry = save_packed_model(model, load_tokenizer(PRUNED_DIR), CONVERTED_DIR, pattern, layer_names=names,
                               weight_format=weight_format)
     size = entry["size"]
+    source = read_json(MODEL_DIR / MODEL_SOURCE_JSON)
+    write_card(CONVERTED_DIR, CardFacts(**source_facts(source),
+                                        lineage={f"packed from `{PRUNED_DIR}` sha256": f"`{hash_tree(PRUNED_DIR)}`"}),
+               packing=entry)
     write_json(CONVERTED_DIR / CONVERT_JSON, {"packed": True, "format": weight_format, "pattern": pattern,
                                               "weights": str(CONVERTED_DIR), "packed_layers": len(names),
                                               "dense_layers": len(log["layers"]) - len(names)})

@@ -145,10 +145,13 @@ def check_context(key: str, seqlen: int, context: int | None) -> None:
         raise ParamError(key, f"{seqlen} is beyond the model's context of {context} tokens; use at most {context}")
 
 
-def check_calibrate(params: dict, context: int | None = None) -> dict:
+def check_calibrate(params: dict, context: int | None = None, texts_given: bool = False) -> dict:
+    """texts_given: the Python API was handed the texts themselves, so there is no
+    calibrate.data to check."""
     c = section(params, "calibrate")
     _known(("calibrate",), c, CALIBRATE_KEYS)
-    check_data_spec("calibrate.data", c.get("data"))
+    if not texts_given:
+        check_data_spec("calibrate.data", c.get("data"))
     _int("calibrate.nsamples", c.get("nsamples"), 1)
     _int("calibrate.seqlen", c.get("seqlen"), 2)
     _int("calibrate.seed", c.get("seed"), 0)

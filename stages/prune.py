@@ -5,39 +5,27 @@ with the prune.* settings (per-block / per-layer overrides, an optional user mas
 that gets the ADMM update), and writes the assembled pruned model. Finished blocks
 go to a fingerprinted block store outside DVC's outputs (see block_store.py), so a
 killed run resumes at its first unfinished block and a change that touches only
-blocks k onward reuses blocks 0..k-1.
+blocks k onward reuses blocks 0..k-1. The pruning itself goes through stages/pruner.py,
+the same path as the Python API (stages/api.py).
 """
 from __future__ import annotations
 
 import statistics
-from dataclasses import fields
 
 import torch
-
-from pruning.settings import PruneSettings, SettingsError
 
 from .artifact_io import read_json, read_tensors, write_csv, write_json
 from .block_inputs import load_block_inputs
 from .block_store import FingerprintBlockStore, block_fingerprints
 from .hashing import hash_tree, library_fingerprint
 from .modelio import load_dense, load_tokenizer
-from .params import check_prune, load_params, prune_settings
+from .params import check_prune, load_params
 from .paths import (CALIB_IDS, CALIB_INPUTS, CALIB_META, CALIBRATION_DIR, MODEL_DIR,
                     PRUNE_LAYERS_PLOT, PRUNE_LOG, PRUNE_METRICS, PRUNED_DIR, work_cache)
+from .pruner import prune
 from .runtime import main_wrapper, peak_memory_mib, resolve_device, say
 
 STAGE = "prune"
-
-
-def load_user_masks(path: str) -> dict[str, torch.Tensor]:
-    """Bool masks (True = kept) keyed by full layer name, with or without '.weight';
-    PruneSpec.validate checks their names and shapes against the model."""
-    return {key.removesuffix(".weight"): tensor.to(torch.bool) for key, tensor in read_tensors(path).items()}
-
-
-def build_spec(settings: PruneSettings, masks):
-    from pruning.runner import PruneSpec
-    return PruneSpec(**{f.name: getattr(settings, f.name) for f in fields(PruneSettings)}, masks=masks)
 
 
 def run() -> None:
@@ -46,35 +34,26 @@ def run() -> None:
     device = resolve_device(params["model"]["device"])
 
     from pruning.models import export_model
-    from pruning.discovery import block_linears, check_prunable, decoder_layers, layers_prefix
-    from pruning.runner import prune_model
+    from pruning.discovery import block_linears, decoder_layers, layers_prefix
 
     calibration = read_json(CALIBRATION_DIR / CALIB_META)
     offload = params["model"].get("offload", False)  # memory only: not part of the block fingerprint
     model = load_dense(MODEL_DIR, "cpu" if offload else device)
-    try:
-        check_prunable(model)
-    except ValueError as err:
-        raise SettingsError(("model", "source"), str(err).partition(": ")[2]) from None
-    masks = load_user_masks(p["mask_file"]) if p.get("mask_file") else None
     n_blocks = len(decoder_layers(model))
-    spec = build_spec(prune_settings(params), masks)
-    try:
-        spec.validate(model, mask_path=("mask_file",))
-    except SettingsError as err:
-        raise err.within("prune") from None
-
-    # Everything a block's result depends on; see block_store.py for the chaining.
-    prefix = layers_prefix(model) + "."
     # The batch size changes fp rounding (GEMM shapes), so results are keyed on it.
     batch_size = params["model"].get("batch_size", 8)
-    base = {"model": hash_tree(MODEL_DIR), "calibration": hash_tree(CALIBRATION_DIR),
-            "code": library_fingerprint(STAGE), "torch": torch.__version__, "device": torch.device(device).type,
-            "batch_size": batch_size}
-    settings = [spec.block_settings(i, list(block_linears(block)), prefix)
-                for i, block in enumerate(decoder_layers(model))]
-    store = FingerprintBlockStore(work_cache() / "blocks", block_fingerprints(base, settings),
-                                  log=lambda msg: say(STAGE, msg))
+    settings = []
+
+    def block_store(spec, device):
+        """Everything a block's result depends on; see block_store.py for the chaining."""
+        prefix = layers_prefix(model) + "."
+        base = {"model": hash_tree(MODEL_DIR), "calibration": hash_tree(CALIBRATION_DIR),
+                "code": library_fingerprint(STAGE), "torch": torch.__version__,
+                "device": torch.device(device).type, "batch_size": batch_size}
+        settings.extend(spec.block_settings(i, list(block_linears(block)), prefix)
+                        for i, block in enumerate(decoder_layers(model)))
+        return FingerprintBlockStore(work_cache() / "blocks", block_fingerprints(base, settings),
+                                     log=lambda msg: say(STAGE, msg))
 
     ids = read_tensors(CALIBRATION_DIR / CALIB_IDS)["input_ids"]
     inputs = load_block_inputs(CALIBRATION_DIR / CALIB_INPUTS, calibration, device)
@@ -82,8 +61,8 @@ def run() -> None:
         torch.cuda.reset_peak_memory_stats()
     say(STAGE, f"{p['method']} at sparsity {p['sparsity']} ({p['pattern']}) on {device}, "
                f"{n_blocks} blocks, {ids.shape[0]} x {ids.shape[1]} calibration tokens")
-    result = prune_model(model, ids, spec, device=device, store=store, progress=True, inputs=inputs,
-                         offload=offload, batch_size=batch_size)
+    pruned = prune(model, params, ids, inputs=inputs, block_store=block_store, progress=True)
+    result = pruned.result
     memory = peak_memory_mib(device)
     if result.reused_blocks:
         say(STAGE, f"reused blocks {result.reused_blocks} from the block store; computed {result.computed_blocks}")
@@ -94,7 +73,7 @@ def run() -> None:
     # DVC skips everything downstream. Run facts go to metrics/prune.json.
     write_json(PRUNED_DIR / PRUNE_LOG, {
         "method": p["method"], "sparsity": p["sparsity"], "pattern": p["pattern"], "device": device,
-        "block_settings": settings, "fingerprints": store.fingerprints,
+        "block_settings": settings, "fingerprints": pruned.store.fingerprints,
         "layers": [{k: v for k, v in layer.items() if k != "seconds"} for layer in result.layers],
     })
     errors = [layer["rel_error"] for layer in result.layers]

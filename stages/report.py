@@ -6,7 +6,9 @@ reports/run_meta.json  git commit, sha256 of every input artifact, library
                        versions, device, seeds and params: enough to trace any
                        number in the report to the bytes that produced it
 reports/model/         the pruned model (safetensors + config + tokenizer), loadable
-                       with AutoModelForCausalLM.from_pretrained
+                       with AutoModelForCausalLM.from_pretrained, with a model card
+                       (README.md: method, sparsity, metrics and protocol, lineage):
+                       ready for `admm-prune publish`
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from .artifact_io import read_csv, read_json, write_json
 from .hashing import code_fingerprint, hash_json, library_fingerprint, tree_manifest
+from .model_card import CardFacts, calibration_sentence, source_facts, write_card
 from .params import LOCAL_TEXT_SUFFIXES, load_params
 from .paths import (CALIBRATION_DIR, CONVERT_METRICS, CONVERTED_DIR, EVAL_LAYERS_PLOT, EVAL_METRICS,
                     MODEL_DIR, MODEL_SOURCE_JSON, PRUNE_LAYERS_PLOT, PRUNE_LOG, PRUNE_METRICS, PRUNED_DIR,
@@ -238,10 +241,37 @@ def markdown(params: dict, source: dict, ev: dict, pr: dict, conv: dict, meta: d
         f"pruned model sha256 `{meta['inputs'][str(PRUNED_DIR)]['sha256'][:16]}`",
         f"- torch {meta['versions']['torch']}, transformers {meta['versions']['transformers']}, "
         f"device {meta['device']['evaluate']}",
-        "- everything else: `run_meta.json`; the pruned model: `model/` (`AutoModelForCausalLM.from_pretrained`)",
+        "- everything else: `run_meta.json`; the pruned model: `model/` (`AutoModelForCausalLM.from_pretrained`; "
+        "its model card is `model/README.md`)",
         "",
     ]
     return "\n".join(lines)
+
+
+def lineage(source: dict, meta: dict) -> dict:
+    """What the card says this model came from: commit, experiment, input hashes."""
+    git = meta["git"]
+    inputs = meta["inputs"]
+    origin = {"alias": f"alias {source['source']}", "local": "a local directory", "hub": "the Hugging Face hub"}
+    model_line = f"{source_facts(source)['source']} from {origin.get(source.get('kind'), 'unknown')}"
+    if source.get("file"):
+        model_line += f" (`{source['file']}`, sha256 `{source['sha256']}`)"
+    elif source.get("sha256"):
+        model_line += f" (sha256 `{source['sha256']}`)"
+    if source.get("commit"):
+        model_line += f", hub commit `{source['commit']}`"
+    out = {
+        "git commit": f"`{git['commit']}`" + (" (with uncommitted changes)" if git["dirty"] else ""),
+        # The pipeline records the run with `dvc exp save` after this stage; under `dvc exp run` DVC names it here.
+        "experiment": (f"`{os.environ['DVC_EXP_NAME']}`" if os.environ.get("DVC_EXP_NAME")
+                       else "recorded with `dvc exp save` after this run on that commit (`admm-prune runs`)"),
+        "params sha256": f"`{hash_json(meta['params'])}`",
+        "model source": model_line,
+    }
+    for path, entry in inputs.items():
+        if not path.startswith("metrics/") and not path.startswith("plots/"):
+            out[f"`{path}` sha256"] = f"`{entry['sha256']}`"
+    return out
 
 
 def run() -> None:
@@ -272,6 +302,10 @@ def run() -> None:
     plot_lines = layer_plots(read_csv(PRUNE_LAYERS_PLOT), read_csv(EVAL_LAYERS_PLOT),
                              read_json(PRUNED_DIR / PRUNE_LOG), REPORT_DIR / "plots")
     (REPORT_DIR / "report.md").write_text(markdown(params, source, ev, pr, conv, meta, plot_lines), encoding="utf-8")
+    c = params["calibrate"]
+    write_card(export, CardFacts(
+        **source_facts(source), evaluation=ev, lineage=lineage(source, meta),
+        calibration=calibration_sentence(c["nsamples"], c["seqlen"], c["seed"], f"`{c['data']['path']}`")))
     say(STAGE, f"report -> {REPORT_DIR / 'report.md'}, exported model -> {export}")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pruning.data import TEXT_SUFFIXES, read_documents
+from pruning.data import TEXT_SUFFIXES, calibration_windows, read_documents
 from pruning.settings import SettingsError
 
 from .params import ParamError
@@ -66,3 +66,13 @@ def check_source(key: str, spec: dict) -> None:
     if features is not None and field not in features:  # features are known only for some datasets
         raise ParamError(f"{key}.text_field", f"{spec['path']} has no column {field!r} "
                                               f"(columns: {', '.join(features)})")
+
+
+def calibration_ids(documents: list[str], tokenizer, c: dict, bos_id: int | None = None):
+    """The calibration windows of a checked calibrate section (params.check_calibrate):
+    the calibrate stage and the Python API cut them the same way. bos_id: each window
+    starts with it (models that need one, pruning.data.window_bos_id)."""
+    try:
+        return calibration_windows(documents, tokenizer, c["nsamples"], c["seqlen"], c["seed"], bos_id=bos_id)
+    except SettingsError as err:
+        raise err.within("calibrate") from None

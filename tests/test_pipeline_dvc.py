@@ -54,6 +54,14 @@ def test_first_run_writes_metrics_report_and_loadable_model(repo):
     assert not (repo / "reports" / "plots" / "layer_sparsity.png").exists()
     assert "has its target sparsity 0.5000" in report
 
+    # Hub-ready: a model card with the metrics and lineage, sparsity_config, no machine-local fields.
+    card = (repo / "reports" / "model" / "README.md").read_text()
+    assert f"| {ev['wikitext2_ppl']:.3f} |" in card and meta["git"]["commit"] in card
+    assert meta["inputs"]["artifacts/pruned"]["sha256"] in card and "from_pretrained" in card
+    config = read_json(repo / "reports" / "model" / "config.json")
+    assert config["sparsity_config"]["method"] == "admm-grad" and config["sparsity_config"]["sparsity"] == 0.5
+    assert not {"is_local", "local_files_only"} & set(read_json(repo / "reports" / "model" / "tokenizer_config.json"))
+
     from transformers import AutoModelForCausalLM
     exported = AutoModelForCausalLM.from_pretrained(repo / "reports" / "model")
     pruned = load_file(repo / "artifacts" / "pruned" / "model.safetensors")
@@ -111,6 +119,7 @@ def test_two_four_pattern_is_packed_checked_and_evaluated_from_the_packed_model(
         from pruning import perplexity
         from pruning.packing import load_packed_model
         packed = load_packed_model(repo / "artifacts" / "converted")
+        assert "load_packed_model" in (repo / "artifacts" / "converted" / "README.md").read_text()
         unpacked = AutoModelForCausalLM.from_pretrained(repo / "artifacts" / "pruned")
         windows = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
         assert perplexity(packed, windows, progress=False) == perplexity(unpacked, windows, progress=False)
