@@ -24,7 +24,7 @@ from .params import LOCAL_TEXT_SUFFIXES, load_params
 from .paths import (CALIBRATION_DIR, CONVERT_METRICS, CONVERTED_DIR, EVAL_LAYERS_PLOT, EVAL_METRICS,
                     MODEL_DIR, MODEL_SOURCE_JSON, PRUNE_LAYERS_PLOT, PRUNE_LOG, PRUNE_METRICS, PRUNED_DIR,
                     REPORT_DIR)
-from .runtime import main_wrapper, say
+from .runtime import EXPERIMENT_ENV, main_wrapper, say
 
 STAGE = "report"
 PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "datasets", "numpy", "accelerate",
@@ -256,12 +256,17 @@ def run() -> None:
     meta = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "git": git_state(),
+        # The experiment this run is saved as, on top of git.commit (its baseline);
+        # null for a plain `dvc repro` or a run with --no-save.
+        "experiment": {"name": os.environ.get(EXPERIMENT_ENV) or None, "baseline": git_state()["commit"]},
+        "torch_threads": {"prune": pr.get("torch_threads")},
         "params": {k: params[k] for k in ("model", "calibrate", "prune", "convert", "evaluate")},
         "seeds": {"calibrate.seed": params["calibrate"]["seed"],
                   **({"tiny-random-llama weights": 0} if source["source"] == "tiny-random-llama" else {})},
         "device": device_info(ev["device"]),
         "versions": versions(),
-        "code": {"pruning": library_fingerprint(), "stages": code_fingerprint(Path(__file__).parent)},
+        "code": {"pruning": library_fingerprint(), "stages": code_fingerprint(Path(__file__).parent),
+                 "flows": code_fingerprint(Path(__file__).parents[1] / "flows")},
         "model_source": source,
         "inputs": input_artifacts(params),
         "metrics": {"evaluate": ev, "prune": pr, "convert": conv},

@@ -195,6 +195,12 @@ def test_workspace_lock_refuses_a_second_holder_and_lets_its_own_stages_in(tmp_p
             workspace_lock.guard_stage("prune")  # a stage started by someone else
         monkeypatch.setenv(TOKEN_ENV, lock.token)
         workspace_lock.guard_stage("prune")      # a stage started by this pipeline
+    # The pipeline's process is gone, its stage is not: the workspace is still held.
+    with pytest.raises(PipelineBusy, match="a stage is still running"):
+        WorkspaceLock(tmp_path).acquire()
+    for handle in workspace_lock._held:          # the stage ends
+        handle.close()
+    workspace_lock._held.clear()
     WorkspaceLock(tmp_path).acquire().release()  # free again once released
 
 
