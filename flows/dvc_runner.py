@@ -214,7 +214,10 @@ class WorkspaceSession:
     """DVC's repository lock held for a whole pipeline run, stages reproduced one at a
     time through DVC's Python API under it. `dvc repro` takes the same lock, so a plain
     `dvc repro` (or `dvc checkout`, `dvc exp run`) started during the run is refused by
-    DVC itself instead of restoring outputs and rewriting dvc.lock between our stages."""
+    DVC itself instead of restoring outputs and rewriting dvc.lock between our stages.
+    (While a stage's command runs, DVC lends its repository lock out and guards the
+    stage's deps and outs with its per-path lock instead; a stage started by anyone
+    but this run is refused by stages/workspace_lock.guard_stage.)"""
 
     def __init__(self, workspace: str | Path, env: dict | None = None):
         self.workspace = Path(workspace)
