@@ -6,6 +6,7 @@
   admm-prune sweep --sparsities 0.5,0.6 --methods wanda,admm-grad
   admm-prune serve --cron "0 3 * * *"                       scheduled re-runs (Prefect deployment)
   admm-prune publish ORG/NAME [--private]                   upload reports/model to the Hugging Face hub
+  admm-prune restore                                        back to the last finished run (after a failure)
 
 Every command works on the workspace given by -C (default: the current directory).
 """
@@ -21,6 +22,7 @@ from stages.paths import EVAL_METRICS, REPORT_DIR, REPORT_MD
 from stages.workspace_lock import PipelineBusy
 
 from .dvc_runner import StageFailed
+from .inputs import InputChanged
 
 EXIT_PARAMS, EXIT_BUSY, EXIT_STAGE = 2, 3, 1
 
@@ -42,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     def overrides(p):
         p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                        help="override a param in params.yaml, e.g. prune.sparsity=0.6 (repeatable)")
-        p.add_argument("--profile", help="apply params-<PROFILE>.yaml first (paper, tiny)")
+        p.add_argument("--profile", help="apply params-<PROFILE>.yaml first (paper, tiny; default = back to the "
+                                         "project's defaults)")
 
     run = sub.add_parser("run", help="run the pipeline; DVC skips what is up to date")
     overrides(run)
@@ -52,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-prefect", action="store_true",
                      help="run the stages through DVC without the Prefect flow (no local API server)")
     run.add_argument("--no-save", action="store_true", help="do not record the run with `dvc exp save`")
+    run.add_argument("--name", help="the DVC experiment name (default run-<date>-<time>)")
 
     plan = sub.add_parser("plan", help="show which stages would run and why, without running")
     overrides(plan)
@@ -78,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--folder", default=str(REPORT_DIR / "model"),
                          help="the folder to upload, relative to the workspace (default: %(default)s; "
                               "artifacts/converted for the packed N:M model)")
+
+    sub.add_parser("restore", help="put back params.yaml, dvc.lock and the outputs of the last finished run")
     return parser
 
 
@@ -125,52 +131,61 @@ def stage_summary(runs: list[dict]) -> str:
 
 def cmd_run(args, workspace: Path) -> int:
     # Before params.yaml is written, before the workspace lock and before Prefect is
-    # imported: a bad setting fails here in about a second and changes no file.
-    from .workspace import preflight
-    preflight(workspace, args.sets, args.profile)
+    # imported: a bad setting or an input edited in place fails here in seconds and
+    # changes no file.
+    from .workspace import experiment_name, planned_params
+    planned_params(workspace, args.sets, args.profile)
+    experiment = None if args.no_save else (args.name or experiment_name())
     if args.no_prefect:
-        result = run_without_prefect(workspace, args.sets, args.profile, tuple(args.force))
+        result = run_without_prefect(workspace, args.sets, args.profile, tuple(args.force), experiment)
     else:
         from .pipeline import pipeline_flow
         result = pipeline_flow(str(workspace), sets=args.sets, profile=args.profile, retries=args.retries,
-                               force=args.force)
+                               force=args.force, experiment=experiment)
     print("\nstages:")
     print(stage_summary(result["stages"]))
-    if result["ran"] and not args.no_save:
-        from .history import save_run
-        saved = save_run(workspace)
-        if saved:
-            print(saved + "  (see `admm-prune runs`)")
+    if result["saved"]:
+        print(result["saved"] + "  (see `admm-prune runs`)")
     print()
     print(result_table(workspace))
     print(f"\nreport: {workspace / REPORT_DIR / REPORT_MD}   pruned model: {workspace / REPORT_DIR / 'model'}")
+    if result["params_changes"]:
+        print(params_kept_note(result["params_changes"]))
     return 0
 
 
-def run_without_prefect(workspace: Path, sets, profile, force) -> dict:
+def params_kept_note(changes: list[str]) -> str:
+    """Like `dvc exp run -S`, a run leaves its params in params.yaml: say so, and how
+    to go back."""
+    return ("\nparams.yaml keeps this run's values (" + "; ".join(changes) + "), so the next plain run "
+            "uses them too.\nBack to the project's defaults: admm-prune run --profile default")
+
+
+def run_without_prefect(workspace: Path, sets, profile, force, experiment) -> dict:
     """The same stages in the same order, straight through DVC."""
-    from stages.workspace_lock import TOKEN_ENV, WorkspaceLock
+    from .dvc_runner import active_session
+    from .workspace import run_pipeline
 
-    from .dvc_runner import repro_stage
-    from .workspace import prepare_params, run_stages
+    return run_pipeline(workspace, sets, profile,
+                        lambda stage, ws, forced: active_session(ws).repro(stage, force=forced).as_dict(),
+                        force, experiment)
 
-    with WorkspaceLock(workspace, purpose="admm-prune pipeline") as lock:
-        for change in prepare_params(workspace, sets, profile):
-            print(f"params.yaml: {change}")
-        runs = run_stages(workspace, lock.token,
-                          lambda stage, ws, token, forced: repro_stage(ws, stage, {TOKEN_ENV: token},
-                                                                       force=forced).as_dict(), force)
-    return {"stages": runs, "ran": [r["stage"] for r in runs if not r["cached"]]}
+
+def cmd_restore(args, workspace: Path) -> int:
+    from .workspace import restore_good_state
+    restored = restore_good_state(workspace)
+    print(f"restored {', '.join(restored)} and the outputs they name from the DVC cache")
+    return 0
 
 
 def cmd_plan(args, workspace: Path) -> int:
     from .plan import format_plan, make_plan
-    from .workspace import preflight
+    from .workspace import planned_params
 
-    params, changes = preflight(workspace, args.sets, args.profile)
-    for change in changes:
+    plan = planned_params(workspace, args.sets, args.profile)
+    for change in plan.changes:
         print(f"with {change}")
-    print(format_plan(make_plan(workspace, params)))
+    print(format_plan(make_plan(workspace, plan.params, plan.forced)))
     return 0
 
 
@@ -218,7 +233,15 @@ def cmd_publish(args, workspace: Path) -> int:
 
 
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "runs": cmd_runs, "sweep": cmd_sweep, "serve": cmd_serve,
-            "publish": cmd_publish}
+            "publish": cmd_publish, "restore": cmd_restore}
+
+
+def restore_hint(workspace: Path) -> str:
+    from .workspace import has_good_state
+    if has_good_state(workspace):
+        return ("the workspace now has this run's params and not all of its outputs; the last finished "
+                "run (params.yaml, dvc.lock, outputs) comes back with:\n  admm-prune restore")
+    return "no finished run to go back to yet; fix the cause and run again"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,14 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     except ParamError as err:  # a bad setting, named by its key (pruning.settings.SettingsError)
         print(f"error: {err}", file=sys.stderr)
         return EXIT_PARAMS
-    except FileNotFoundError as err:  # e.g. no params.yaml in the workspace
+    except (FileNotFoundError, InputChanged) as err:  # e.g. no params.yaml; a data file edited in place
         print(f"error: {err}", file=sys.stderr)
         return EXIT_PARAMS
     except PipelineBusy as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BUSY
     except StageFailed as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err}\n{restore_hint(workspace)}", file=sys.stderr)
         return EXIT_STAGE
 
 

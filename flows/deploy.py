@@ -2,7 +2,10 @@
 model appears.
 
 `admm-prune serve --cron "0 3 * * *" --set model.source=<new model>` serves a
-deployment that runs the pipeline on that schedule with those overrides. Because
+deployment that runs the pipeline on that schedule with those overrides. Every
+scheduled run is isolated: it runs in a private worktree (flows/experiment.py)
+that shares the workspace's DVC cache, is saved as a DVC experiment (so it shows
+in `admm-prune runs`), and never edits the user's params.yaml or outputs. Because
 DVC decides what reruns, a scheduled run on an unchanged model and unchanged
 params does no work and costs seconds; pointing `model.source` at a new model
 (here, or in the deployment's parameters in the Prefect UI) reruns everything
@@ -25,7 +28,7 @@ def build_deployment(workspace: str = ".", cron: str = "0 3 * * *", sets: list[s
     """A RunnerDeployment of the pipeline flow with a cron schedule (not yet served)."""
     return pipeline_flow.to_deployment(
         name=name, cron=cron,
-        parameters={"workspace": str(Path(workspace).resolve()), "sets": list(sets or []),
+        parameters={"workspace": str(Path(workspace).resolve()), "sets": list(sets or []), "isolated": True,
                     "force": list(force or []), "profile": profile},
         description="Re-run the ADMM pruning pipeline; DVC reruns only what changed.",
         tags=["admm-prune"])

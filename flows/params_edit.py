@@ -11,6 +11,7 @@ import io
 from pathlib import Path
 
 from ruamel.yaml import YAML
+from ruamel.yaml.representer import RoundTripRepresenter
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
 from pruning.settings import did_you_mean
@@ -20,6 +21,14 @@ from stages.params import ParamError, read_yaml, yaml_errors
 # everywhere else a key must already exist in params.yaml, so typos are refused.
 OPEN_MAPPINGS = ("prune.block_overrides", "prune.layer_overrides", "prune.options")
 _LAYER_FIELDS = ("method", "sparsity", "pattern", "options")
+
+
+class _NullKeepingRepresenter(RoundTripRepresenter):
+    """ruamel's round trip writes None as an empty value; params.yaml says `null`."""
+
+
+_NullKeepingRepresenter.add_representer(
+    type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null", "null"))
 
 
 def parse_value(text: str):
@@ -104,6 +113,7 @@ def apply_overrides(params_file: str | Path, assignments: list[tuple[list, objec
     human-readable changes). write=False computes without touching the file (plan)."""
     params_file = Path(params_file)
     yaml = YAML()  # round-trip: keeps comments and key order
+    yaml.Representer = _NullKeepingRepresenter
     yaml.preserve_quotes = True
     with yaml_errors(params_file.name):
         doc = yaml.load(params_file.read_text(encoding="utf-8"))

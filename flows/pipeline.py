@@ -1,13 +1,15 @@
 """The pipeline flow: one Prefect task per DVC stage, run in dependency order.
 
-Each task runs `dvc repro --single-item <stage>`, so DVC alone decides whether the
-stage is skipped, restored from its run-cache or run (Prefect's own caching is off:
+Each task reproduces one stage through DVC (flows/dvc_runner.WorkspaceSession), so
+DVC alone decides whether the stage is skipped, restored from its run-cache or run (Prefect's own caching is off:
 its input hashing is unstable for our artifacts and it cannot see a deleted output).
 A failed stage is retried; the flow logs which stages ran and which came from the
 cache, and publishes the metrics table and the Markdown report (its plots embedded)
 as Prefect artifacts. Each stage's own output goes to its task's log.
-The whole run holds the workspace lock, so a second pipeline is refused instead of
-interleaving its stages with ours.
+The whole run holds the workspace lock and DVC's repository lock, so a second
+pipeline or a plain `dvc repro` is refused instead of interleaving with ours
+(flows/workspace.py). A deployment (scheduled) run is `isolated`: it runs in a
+private workspace (flows/experiment.py) and never edits the user's.
 """
 from __future__ import annotations
 
@@ -22,17 +24,17 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging.handlers import APILogHandler
 
 from stages.paths import REPORT_DIR, REPORT_MD
-from stages.workspace_lock import TOKEN_ENV, WorkspaceLock
 
 from .artifacts import publish_markdown_file
-from .dvc_runner import StageRun, readable_output, repro_stage
-from .workspace import prepare_params, run_stages, summary_table
+from .dvc_runner import StageRun, active_session, readable_output
+from .experiment import experiment_workspace, work_env
+from .workspace import experiment_name, run_pipeline, summary_table
 
 
 @task(name="dvc-stage", cache_policy=NO_CACHE, persist_result=False, retries=1, retry_delay_seconds=3,
       task_run_name="{stage}")
-def stage_task(stage: str, workspace: str, token: str, force: bool = False) -> dict:
-    run = repro_stage(workspace, stage, env={TOKEN_ENV: token}, force=force)
+def stage_task(stage: str, workspace: str, force: bool = False) -> dict:
+    run = active_session(workspace).repro(stage, force=force)
     log_stage_output(get_run_logger(), run)
     return run.as_dict()
 
@@ -76,20 +78,28 @@ def publish(workspace: Path, runs: list[dict]) -> None:
 
 @flow(name="admm-prune-pipeline", log_prints=True)
 def pipeline_flow(workspace: str = ".", sets: list[str] | None = None, profile: str | None = None,
-                  retries: int = 1, force: list[str] | None = None) -> dict:
+                  retries: int = 1, force: list[str] | None = None, experiment: str | None = None,
+                  isolated: bool = False) -> dict:
     """Run the DVC pipeline in `workspace`, stage by stage. `sets` are key=value
-    overrides written into params.yaml first (like `dvc exp run -S`)."""
+    overrides written into params.yaml first (like `dvc exp run -S`); `experiment`
+    names the DVC experiment the run is saved as (None: not saved). isolated: run in
+    a private copy of the workspace and always save it (deployments, schedules)."""
     logger = get_run_logger()
     ws = Path(workspace).resolve()
-    with WorkspaceLock(ws, purpose="admm-prune pipeline") as lock:
-        changes = prepare_params(ws, sets, profile)
-        for change in changes:
-            logger.info("params.yaml: %s", change)
-        one = stage_task.with_options(retries=retries)
-        runs = run_stages(ws, lock.token, one, tuple(force or ()))
-    ran = [r["stage"] for r in runs if not r["cached"]]
-    cached = [r["stage"] for r in runs if r["cached"]]
-    logger.info("stages that ran: %s; from cache: %s", ", ".join(ran) or "none", ", ".join(cached) or "none")
-    publish(ws, runs)
-    return {"workspace": str(ws), "params_changes": changes, "stages": runs, "ran": ran, "cached": cached,
-            "table": summary_table(ws)}
+    one = stage_task.with_options(retries=retries)
+    if not isolated:
+        result = run_pipeline(ws, sets, profile, one, tuple(force or ()), experiment, log=logger.info)
+        return _finish(logger, ws, result)
+    with experiment_workspace(ws) as private:
+        result = run_pipeline(private, sets, profile, one, tuple(force or ()), experiment or experiment_name(),
+                              log=logger.info, env=work_env(ws))
+        return _finish(logger, private, result)
+
+
+def _finish(logger, ws: Path, result: dict) -> dict:
+    logger.info("stages that ran: %s; from cache: %s", ", ".join(result["ran"]) or "none",
+                ", ".join(result["cached"]) or "none")
+    if result["saved"]:
+        logger.info(result["saved"])
+    publish(ws, result["stages"])
+    return {**result, "table": summary_table(ws)}

@@ -72,7 +72,8 @@ def dvc_status(workspace: str | Path) -> dict:
         return {}
 
 
-def make_plan(workspace: str | Path, params: dict) -> list[StagePlan]:
+def make_plan(workspace: str | Path, params: dict, forced: dict[str, str] | None = None) -> list[StagePlan]:
+    """forced: {stage: reason} for stages a run forces (flows/inputs.stages_to_force)."""
     workspace = Path(workspace)
     stages = (_yaml(workspace / "dvc.yaml") or {}).get("stages", {})
     locked = ((_yaml(workspace / "dvc.lock") or {}).get("stages")) or {}
@@ -82,7 +83,7 @@ def make_plan(workspace: str | Path, params: dict) -> list[StagePlan]:
     plans: list[StagePlan] = []
     running: set[str] = set()
     for name, stage in stages.items():
-        reasons = []
+        reasons = [(forced or {})[name]] if name in (forced or {}) else []
         lock = locked.get(name)
         if lock is None:
             reasons.append("has not run in this workspace yet")

@@ -1,14 +1,10 @@
 """The sweep flow: models x methods x sparsities, each run in its own workspace,
 in parallel on a Dask cluster, every run recorded as a DVC experiment.
 
-Each run gets a git worktree of HEAD in a temp dir (its own params.yaml, dvc.lock
-and outputs, so runs never share a workspace), with:
-- the main repository's DVC cache (`cache.dir`), so inputs check out without a
-  download and stages one run already computed are restored from the run-cache;
-- the main workspace's current params.yaml plus the run's overrides;
-- the shared work cache (block store, dense-evaluation memo) of the main workspace;
-- the DVC remote resolved to an absolute URL (relative URLs point elsewhere from a temp dir).
-It runs the stages one by one (`dvc repro --single-item`), then `dvc exp save`;
+Each run gets a private workspace (flows/experiment.py: a git worktree of HEAD
+sharing the main workspace's DVC cache, remotes and work cache; its own
+params.yaml, dvc.lock and outputs, so runs never share a workspace) with the main
+workspace's current params.yaml plus the run's overrides. It runs the stages one by one (`dvc repro --single-item`), then `dvc exp save`;
 worktrees share the repository's refs, so the experiment appears in the main
 workspace's `dvc exp show`. The worktree is removed afterwards.
 
@@ -31,8 +27,6 @@ import contextlib
 import itertools
 import json
 import os
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,25 +39,12 @@ from stages.params import load_params
 from stages.preflight import check_all
 
 from .artifacts import publish_markdown_file
-from .dvc_runner import STAGES, repro_stage, run_dvc
+from .dvc_runner import STAGES, repro_stage
+from .experiment import experiment_workspace, work_env
 from .history import save_run
 from .params_edit import apply_overrides, parse_assignment
 from .pipeline import log_stage_output
 from .sweep_report import SWEEPS_DIR, slug, table_row, write_sweep_outputs
-
-
-def _git(*args, cwd) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
-
-
-def _absolute_remotes(repo: Path, worktree: Path) -> None:
-    """Point the worktree's DVC remotes at absolute URLs (local paths only)."""
-    code, output = run_dvc(["remote", "list"], repo, echo=False)
-    for line in output.splitlines() if code == 0 else []:
-        parts = line.split()
-        if len(parts) >= 2 and "://" not in parts[1]:
-            url = (repo / ".dvc" / parts[1]).resolve()
-            run_dvc(["remote", "modify", "--local", parts[0], "url", str(url)], worktree, echo=False)
 
 
 def combinations(models, methods, sparsities) -> list[dict]:
@@ -73,22 +54,10 @@ def combinations(models, methods, sparsities) -> list[dict]:
 
 @contextlib.contextmanager
 def run_workspace(repo: Path, params_text: str, sets: list[str]):
-    """A temporary git worktree of HEAD set up for one sweep run (see the module doc)."""
-    with tempfile.TemporaryDirectory(prefix="admm-sweep-") as tmp:
-        worktree = Path(tmp) / "ws"
-        _git("worktree", "add", "--detach", str(worktree), "HEAD", cwd=repo)
-        try:
-            run_dvc(["cache", "dir", "--local", str(repo / ".dvc" / "cache")], worktree, echo=False)
-            _absolute_remotes(repo, worktree)
-            # Inputs only: stage outputs come from the run-cache or are computed by repro.
-            pointers = [str(p.relative_to(worktree)) for p in worktree.rglob("*.dvc") if p.is_file()]
-            if pointers:
-                run_dvc(["checkout", *pointers], worktree, echo=False)
-            (worktree / "params.yaml").write_text(params_text, encoding="utf-8")
-            apply_overrides(worktree / "params.yaml", [parse_assignment(s) for s in sets])
-            yield worktree
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=repo, capture_output=True)
+    """A private workspace (flows/experiment.py) with the run's overrides applied."""
+    with experiment_workspace(repo, params_text) as worktree:
+        apply_overrides(worktree / "params.yaml", [parse_assignment(s) for s in sets])
+        yield worktree
 
 
 def run_combination(repo: Path, params_text: str, sets: list[str], name: str, threads: int, logger) -> dict:
@@ -100,7 +69,7 @@ def run_combination(repo: Path, params_text: str, sets: list[str], name: str, th
     stage = "setup"
     try:
         with run_workspace(repo, params_text, sets) as worktree:
-            env = {"ADMM_PRUNE_WORK_CACHE": str(repo / ".cache"),
+            env = {**work_env(repo),
                    # Parallel runs share the cores: oversubscribed OpenMP threads spin and
                    # slow small kernels down by orders of magnitude.
                    "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}

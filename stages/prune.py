@@ -49,7 +49,8 @@ def run() -> None:
         prefix = layers_prefix(model) + "."
         base = {"model": hash_tree(MODEL_DIR), "calibration": hash_tree(CALIBRATION_DIR),
                 "code": library_fingerprint(STAGE), "torch": torch.__version__,
-                "device": torch.device(device).type, "batch_size": batch_size}
+                "device": torch.device(device).type, "batch_size": batch_size,
+                "threads": torch.get_num_threads()}  # threads change fp sums too
         settings.extend(spec.block_settings(i, list(block_linears(block)), prefix)
                         for i, block in enumerate(decoder_layers(model)))
         return FingerprintBlockStore(work_cache() / "blocks", block_fingerprints(base, settings),
@@ -78,7 +79,7 @@ def run() -> None:
     })
     errors = [layer["rel_error"] for layer in result.layers]
     write_json(PRUNE_METRICS, {
-        "prune_seconds": round(result.seconds, 3), **memory,
+        "prune_seconds": round(result.seconds, 3), **memory, "torch_threads": torch.get_num_threads(),
         "phase_seconds": {k: round(v, 3) for k, v in result.phase_seconds.items()}, "blocks": n_blocks,
         "reused_blocks": result.reused_blocks, "computed_blocks": result.computed_blocks,
         "mean_rel_error": statistics.fmean(errors), "max_rel_error": max(errors),

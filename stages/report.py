@@ -27,7 +27,7 @@ from .params import LOCAL_TEXT_SUFFIXES, load_params
 from .paths import (CALIBRATION_DIR, CONVERT_METRICS, CONVERTED_DIR, EVAL_LAYERS_PLOT, EVAL_METRICS,
                     MODEL_DIR, MODEL_SOURCE_JSON, PRUNE_LAYERS_PLOT, PRUNE_LOG, PRUNE_METRICS, PRUNED_DIR,
                     REPORT_DIR)
-from .runtime import main_wrapper, say
+from .runtime import EXPERIMENT_ENV, main_wrapper, say
 
 STAGE = "report"
 PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "datasets", "numpy", "accelerate",
@@ -262,9 +262,9 @@ def lineage(source: dict, meta: dict) -> dict:
         model_line += f", hub commit `{source['commit']}`"
     out = {
         "git commit": f"`{git['commit']}`" + (" (with uncommitted changes)" if git["dirty"] else ""),
-        # The pipeline records the run with `dvc exp save` after this stage; under `dvc exp run` DVC names it here.
-        "experiment": (f"`{os.environ['DVC_EXP_NAME']}`" if os.environ.get("DVC_EXP_NAME")
-                       else "recorded with `dvc exp save` after this run on that commit (`admm-prune runs`)"),
+        # The pipeline names the experiment it saves the run as (run_meta.json's experiment).
+        "experiment": (f"`{meta['experiment']['name']}` (`admm-prune runs`)" if meta["experiment"]["name"]
+                       else "none (a run not saved as an experiment)"),
         "params sha256": f"`{hash_json(meta['params'])}`",
         "model source": model_line,
     }
@@ -288,12 +288,17 @@ def run() -> None:
     meta = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "git": git_state(),
+        # The experiment this run is saved as, on top of git.commit (its baseline);
+        # null for a plain `dvc repro` or a run with --no-save.
+        "experiment": {"name": os.environ.get(EXPERIMENT_ENV) or None, "baseline": git_state()["commit"]},
+        "torch_threads": {"prune": pr.get("torch_threads")},
         "params": {k: params[k] for k in ("model", "calibrate", "prune", "convert", "evaluate")},
         "seeds": {"calibrate.seed": params["calibrate"]["seed"],
                   **({"tiny-random-llama weights": 0} if source["source"] == "tiny-random-llama" else {})},
         "device": device_info(ev["device"]),
         "versions": versions(),
-        "code": {"pruning": library_fingerprint(), "stages": code_fingerprint(Path(__file__).parent)},
+        "code": {"pruning": library_fingerprint(), "stages": code_fingerprint(Path(__file__).parent),
+                 "flows": code_fingerprint(Path(__file__).parents[1] / "flows")},
         "model_source": source,
         "inputs": input_artifacts(params),
         "metrics": {"evaluate": ev, "prune": pr, "convert": conv},

@@ -7,6 +7,9 @@ import time
 
 from .params import ParamError
 
+# Set by the pipeline for its stages: the DVC experiment the run is saved as.
+EXPERIMENT_ENV = "ADMM_PRUNE_EXPERIMENT"
+
 
 def say(stage: str, message: str) -> None:
     # stderr, unbuffered: DVC and the flow stream it live next to the progress bars.

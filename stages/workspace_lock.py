@@ -11,6 +11,11 @@ Stages check the lock too, so a plain `dvc repro` started while the flow runs is
 refused: a stage proceeds only when the lock is free (it then holds it itself) or
 when it belongs to the pipeline that launched it, which passes its token down
 through the environment.
+
+The owner is the whole process tree: every running stage also holds
+`.dvc/tmp/admm-prune-stage.lock` for its life. A stage left running by a pipeline
+whose process was killed therefore still holds the workspace, and a new pipeline
+is refused until it ends (taking the pipeline lock checks the stage lock too).
 """
 from __future__ import annotations
 
@@ -34,32 +39,64 @@ def lock_path(workspace: str | Path = ".") -> Path:
     return Path(workspace) / ".dvc" / "tmp" / "admm-prune-pipeline.lock"
 
 
+def stage_lock_path(workspace: str | Path = ".") -> Path:
+    return Path(workspace) / ".dvc" / "tmp" / "admm-prune-stage.lock"
+
+
+def _try_flock(path: Path, holder: dict):
+    """The open, exclusively locked file with `holder` written into it, or None when
+    another process holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps(holder))
+    handle.flush()
+    return handle
+
+
+def _holder(purpose: str, token: str = "") -> dict:
+    return {"pid": os.getpid(), "token": token, "purpose": purpose,
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:300]}
+
+
+def stage_still_running(workspace: str | Path = ".") -> dict | None:
+    """The holder of the stage lock when a stage process is alive in the workspace."""
+    path = stage_lock_path(workspace)
+    handle = _try_flock(path, {})
+    if handle is None:
+        return read_holder(path)
+    handle.close()
+    return None
+
+
 class WorkspaceLock:
     """Exclusive, non-blocking: acquiring a held lock raises PipelineBusy at once."""
 
     def __init__(self, workspace: str | Path = ".", purpose: str = "pipeline"):
+        self.workspace = Path(workspace)
         self.path = lock_path(workspace)
         self.purpose = purpose
         self.token = secrets.token_hex(8)
         self._handle = None
 
     def acquire(self) -> "WorkspaceLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+", encoding="utf-8")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = read_holder(self.path)
+        handle = _try_flock(self.path, _holder(self.purpose, self.token))
+        if handle is None:
+            raise PipelineBusy(
+                f"another pipeline is running in this workspace ({describe(read_holder(self.path))}); "
+                f"wait for it to finish or stop it; runs are never interleaved")
+        orphan = stage_still_running(self.workspace)
+        if orphan is not None:
             handle.close()
             raise PipelineBusy(
-                f"another pipeline is running in this workspace ({describe(holder)}); "
-                f"wait for it to finish or stop it; runs are never interleaved") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(json.dumps({"pid": os.getpid(), "token": self.token, "purpose": self.purpose,
-                                 "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                 "command": " ".join(sys.argv)[:300]}))
-        handle.flush()
+                f"a stage is still running in this workspace ({describe(orphan)}), left behind by a "
+                f"pipeline that was stopped; wait for it to end or stop it (kill {orphan.get('pid')})")
         self._handle = handle
         return self
 
@@ -88,17 +125,17 @@ def describe(holder: dict) -> str:
     return f"pid {holder.get('pid')}, {holder.get('purpose', 'pipeline')} since {holder.get('since')}: {holder.get('command', '')}"
 
 
-_stage_lock: WorkspaceLock | None = None
+_held: list = []   # open lock files this stage process holds until it exits
 
 
 def guard_stage(stage: str) -> None:
     """Called first by every stage. Inside our own pipeline: go on. Otherwise take the
-    lock for the life of this process, or refuse if another pipeline holds it."""
-    global _stage_lock
+    pipeline lock for the life of this process, or refuse if another pipeline holds
+    it. Either way the stage holds the stage lock while it lives."""
     token = os.environ.get(TOKEN_ENV)
-    path = lock_path()
-    if token and read_holder(path).get("token") == token:
-        return
-    lock = WorkspaceLock(purpose=f"dvc stage {stage}")
-    lock.acquire()
-    _stage_lock = lock  # held until the stage process exits
+    if not (token and read_holder(lock_path()).get("token") == token):
+        _held.append(WorkspaceLock(purpose=f"dvc stage {stage}").acquire()._handle)
+    handle = _try_flock(stage_lock_path(), _holder(f"stage {stage}", token or ""))
+    if handle is None:
+        raise PipelineBusy(f"another stage is running in this workspace ({describe(read_holder(stage_lock_path()))})")
+    _held.append(handle)

@@ -108,27 +108,28 @@ def test_pipeline_flow_runs_the_dag_and_reports_which_stages_were_cached(repo):
 @pytest.mark.slow
 def test_a_failed_stage_is_retried(repo, monkeypatch):
     import flows.pipeline as pipeline
-    from flows.dvc_runner import StageFailed, repro_stage
+    from flows.dvc_runner import StageFailed, WorkspaceSession
 
     attempts = []
+    real = WorkspaceSession.repro
 
-    def flaky(workspace, stage, **kwargs):
+    def flaky(session, stage, force=False):
         attempts.append(stage)
         if stage == "convert" and attempts.count("convert") == 1:
             raise StageFailed("convert", 1, "simulated crash")
-        return repro_stage(workspace, stage, **kwargs)
+        return real(session, stage, force)
 
-    monkeypatch.setattr(pipeline, "repro_stage", flaky)
+    monkeypatch.setattr(WorkspaceSession, "repro", flaky)
     result = pipeline.pipeline_flow(str(repo), retries=1)
     assert attempts.count("convert") == 2
     assert [r["stage"] for r in result["stages"]] == STAGES
 
-    def broken(workspace, stage, **kwargs):
+    def broken(session, stage, force=False):
         attempts.append(stage)
         raise StageFailed(stage, 1, "simulated crash")
 
     attempts.clear()
-    monkeypatch.setattr(pipeline, "repro_stage", broken)
+    monkeypatch.setattr(WorkspaceSession, "repro", broken)
     with pytest.raises(StageFailed):
         pipeline.pipeline_flow(str(repo), retries=0)
     assert attempts == ["model"]  # no retry asked for, and nothing after the failed stage
@@ -225,7 +226,26 @@ def test_deployment_runs_the_pipeline_on_a_cron_schedule(repo):
     assert [s.schedule.cron for s in deployment.schedules] == ["0 4 * * 1"]
     assert deployment.parameters["workspace"] == str(repo.resolve())
     assert deployment.parameters["sets"] == ["model.source=tiny-random-llama"]
+    assert deployment.parameters["isolated"] is True  # scheduled runs never edit the workspace
     assert deployment.entrypoint.endswith("flows/pipeline.py:pipeline_flow")
+
+
+@pytest.mark.slow
+def test_a_deployment_run_is_saved_and_leaves_the_workspace_alone(repo):
+    """What `prefect deployment run` does: the flow with isolated=True. Red if it
+    writes the user's params.yaml or outputs, or is missing from `admm-prune runs`."""
+    from flows.history import past_runs
+    from flows.pipeline import pipeline_flow
+
+    dvc(repo, "repro")
+    before = {name: (repo / name).read_bytes() for name in ("params.yaml", "dvc.lock", "metrics/eval.json")}
+    result = pipeline_flow(str(repo), sets=["prune.sparsity=0.4"], isolated=True, experiment="scheduled-x")
+    assert "prune" in result["ran"] and result["saved"]
+    assert {name: (repo / name).read_bytes() for name in before} == before
+    rows = {row["run"].strip(): row for row in past_runs(repo)}
+    assert rows["scheduled-x"]["prune.sparsity"] == 0.4
+    assert rows["scheduled-x"]["wikitext2_ppl"] == result["table"][0]["pruned"]
+    assert rows["workspace"]["prune.sparsity"] == 0.5
 
 
 def test_cli_plan_names_the_stages_that_would_run_and_why(repo, capsys):

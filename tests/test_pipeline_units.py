@@ -5,9 +5,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import shutil
+import subprocess
 
 import pytest
 import torch
+import yaml
+from safetensors.torch import save_file
 
 from pipeline_support import ROOT, write_data
 
@@ -195,6 +199,12 @@ def test_workspace_lock_refuses_a_second_holder_and_lets_its_own_stages_in(tmp_p
             workspace_lock.guard_stage("prune")  # a stage started by someone else
         monkeypatch.setenv(TOKEN_ENV, lock.token)
         workspace_lock.guard_stage("prune")      # a stage started by this pipeline
+    # The pipeline's process is gone, its stage is not: the workspace is still held.
+    with pytest.raises(PipelineBusy, match="a stage is still running"):
+        WorkspaceLock(tmp_path).acquire()
+    for handle in workspace_lock._held:          # the stage ends
+        handle.close()
+    workspace_lock._held.clear()
     WorkspaceLock(tmp_path).acquire().release()  # free again once released
 
 
@@ -238,3 +248,63 @@ def test_block_inputs_round_trip_through_safetensors_and_json(tmp_path):
         expected = run_block(block, inputs.hidden[:1], inputs.calls[1])
         got = run_block(block, loaded.hidden[:1], loaded.calls[1])
     assert torch.equal(expected, got)
+
+
+# ---------------------------------------------------------------- issue 11: params and inputs
+
+def test_set_keeps_null_as_null(tmp_path):
+    from flows.params_edit import apply_overrides, parse_assignment
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    nulls = params.read_text().count(": null")
+    assert nulls > 3
+    apply_overrides(params, [parse_assignment("prune.sparsity=0.6")])
+    assert params.read_text().count(": null") == nulls  # ruamel's default writes an empty value
+
+
+def test_the_default_profile_is_params_yaml_as_committed():
+    from flows.params_edit import profile_overrides
+    committed = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=ROOT, capture_output=True, text=True)
+    defaults = yaml.safe_load(committed.stdout if committed.returncode == 0 else (ROOT / "params.yaml").read_text())
+    assert yaml.safe_load((ROOT / "params-default.yaml").read_text()) == defaults
+    paths = {tuple(path) for path, _ in profile_overrides("default", ROOT)}
+    assert ("prune", "sparsity") in paths and ("calibrate", "data", "path") in paths
+
+
+def test_a_mask_file_edited_in_place_changes_the_recorded_hash(tmp_path):
+    from flows.params_edit import apply_overrides
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    save_file({"model.layers.0.mlp.down_proj": torch.ones(4, 4, dtype=torch.bool)}, tmp_path / "masks.safetensors")
+    apply_overrides(params, [(["prune", "mask_file"], "masks.safetensors")])
+    _, changes = apply_overrides(params, [])
+    assert changes == []  # recorded: a second run sees no change
+    save_file({"model.layers.0.mlp.down_proj": torch.zeros(4, 4, dtype=torch.bool)}, tmp_path / "masks.safetensors")
+    _, changes = apply_overrides(params, [], write=False)
+    assert len(changes) == 1 and changes[0].startswith("prune.mask_sha256:") and "masks.safetensors" in changes[0]
+
+
+def test_a_tracked_file_edited_in_place_is_named_before_anything_runs(tmp_path):
+    from flows.inputs import InputChanged, check_tracked_data
+    (tmp_path / "data").mkdir()
+    text = tmp_path / "data" / "calib.jsonl"
+    text.write_text('{"text": "a"}\n')
+    digest = __import__("hashlib").md5(text.read_bytes()).hexdigest()
+    (tmp_path / "data" / "calib.jsonl.dvc").write_text(f"outs:\n- md5: {digest}\n  size: 15\n  hash: md5\n  path: calib.jsonl\n")
+    check_tracked_data(tmp_path)
+    text.write_text('{"text": "b"}\n')
+    with pytest.raises(InputChanged, match="data/calib.jsonl was changed in place"):
+        check_tracked_data(tmp_path)
+
+
+def test_the_same_thread_count_gives_bitwise_identical_pruned_weights():
+    from pruning import PruneSpec, prunable_linear_names, prune_model
+    from pruning.models import build_tiny_model
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    weights = []
+    for _ in range(2):
+        model, _ = build_tiny_model("llama")
+        prune_model(model, ids, PruneSpec("admm-grad", 0.5), progress=False)
+        modules = dict(model.named_modules())
+        weights.append({n: modules[n].weight.detach().clone() for n in prunable_linear_names(model)})
+    assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
