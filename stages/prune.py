@@ -71,13 +71,13 @@ def run() -> None:
     base = {"model": hash_tree(MODEL_DIR), "calibration": hash_tree(CALIBRATION_DIR),
             "code": library_fingerprint(STAGE), "torch": torch.__version__, "device": torch.device(device).type,
             "batch_size": batch_size}
+    ids = read_tensors(CALIBRATION_DIR / CALIB_IDS)["input_ids"]
+    inputs = load_block_inputs(CALIBRATION_DIR / CALIB_INPUTS, calibration, device)
+    spec.apply_owl(model, inputs, batch_size=batch_size)  # OWL's block sparsities are part of the keys
     settings = [spec.block_settings(i, list(block_linears(block)), prefix)
                 for i, block in enumerate(decoder_layers(model))]
     store = FingerprintBlockStore(work_cache() / "blocks", block_fingerprints(base, settings),
                                   log=lambda msg: say(STAGE, msg))
-
-    ids = read_tensors(CALIBRATION_DIR / CALIB_IDS)["input_ids"]
-    inputs = load_block_inputs(CALIBRATION_DIR / CALIB_INPUTS, calibration, device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     say(STAGE, f"{p['method']} at sparsity {p['sparsity']} ({p['pattern']}) on {device}, "
