@@ -6,6 +6,7 @@
     python bench/quality.py --profile cpu        # the small CPU protocol (see PROFILES)
     python bench/quality.py --only admm-grad     # a subset of the grid (repeatable flag)
     python bench/quality.py --profile cpu --only admm-grad-fp8   # FP8 cost of the 2:4 model (issue 17)
+    python bench/quality.py --profile heldout --setting unstructured:0.6   # the recipe vs admm-grad (issue 13)
 
 Every record is written to bench/results/quality.json as soon as it is measured, and
 a rerun skips records already there (same model, method, pattern, sparsity and
@@ -19,6 +20,13 @@ TF32 (emulated on a CPU); the paper profile keeps the model itself in fp16.
 `admm-grad-fp8` scores one pruned 2:4 model three times: unquantised, with its
 linears stored as packed-fp8, and with FP8 activations too (see fp8_cost).
 
+The `heldout` profile (issue 13) judges the ft-owl recipe (prune.finetune: standard
+with prune.owl: true) and its parts against plain admm-grad on text the CPU profile
+never scores: C4 calibration with seeds 0, 1 and 2, WikiText-2 and C4 validation on
+windows 16..79. Each seed's record goes to bench/results/quality-seeds.json; once
+every seed of a method is there, their mean (wikitext2_ppl, c4_ppl, prune_seconds)
+and spread (sample standard deviation, min, max) go to quality.json.
+
 Imports only torch, transformers, pyarrow and `pruning` (runs on the GPU machine).
 """
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import statistics
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -39,7 +48,6 @@ from pruning import PruneSpec, capture_block_inputs, perplexity, prune_model  # 
 from pruning.data import (c4_validation_ids, calibration_windows, read_documents,  # noqa: E402
                           split_windows, wikitext2_ids, window_bos_id)
 from pruning.models import load_model  # noqa: E402
-from pruning.owl import owl_block_overrides  # noqa: E402
 
 DEFAULT_OUT = REPO / "bench" / "results" / "quality.json"
 KEY = ("model", "method", "pattern", "sparsity", "protocol")
@@ -53,11 +61,23 @@ class Profile:
     c4_windows: int
     dtype: str
     model: str = "smollm2-135m"
+    seeds: tuple[int, ...] = (0,)     # calibration seeds; with several, records are their mean
+    first_window: int = 0             # evaluation windows skipped (held out: those the cpu profile scores)
+
+    @property
+    def heldout(self) -> bool:
+        return len(self.seeds) > 1 or self.first_window > 0
 
     def protocol(self, device: str) -> str:
-        wiki = "all windows" if self.wikitext_windows is None else f"first{self.wikitext_windows} windows"
-        text = (f"c4 {self.nsamples}x{self.seqlen} seed0; wikitext2 seqlen{self.seqlen} {wiki}; "
-                f"c4val seqlen{self.seqlen} first{self.c4_windows} windows")
+        if self.heldout:
+            last = self.first_window + self.c4_windows - 1
+            text = (f"heldout: c4 {self.nsamples}x{self.seqlen} seeds {','.join(map(str, self.seeds))} (mean); "
+                    f"wikitext2 seqlen{self.seqlen} windows {self.first_window}..{last}; "
+                    f"c4val seqlen{self.seqlen} windows {self.first_window}..{last}")
+        else:
+            wiki = "all windows" if self.wikitext_windows is None else f"first{self.wikitext_windows} windows"
+            text = (f"c4 {self.nsamples}x{self.seqlen} seed0; wikitext2 seqlen{self.seqlen} {wiki}; "
+                    f"c4val seqlen{self.seqlen} first{self.c4_windows} windows")
         return text if device.startswith("cuda") else "cpu: " + text
 
 
@@ -69,6 +89,12 @@ PROFILES = {
     # For tests: seconds on tiny-random-llama.
     "tiny": Profile(nsamples=2, seqlen=32, wikitext_windows=2, c4_windows=2, dtype="float32",
                     model="tiny-random-llama"),
+    # Issue 13: the cpu profile's calibration with three seeds, scored on 64 windows
+    # of each data set that the cpu profile never scores (16..79).
+    "heldout": Profile(nsamples=16, seqlen=256, wikitext_windows=64, c4_windows=64, dtype="float32",
+                       seeds=(0, 1, 2), first_window=16),
+    "heldout-tiny": Profile(nsamples=2, seqlen=32, wikitext_windows=2, c4_windows=2, dtype="float32",
+                            model="tiny-random-llama", seeds=(0, 1, 2), first_window=1),
 }
 
 
@@ -82,6 +108,7 @@ class Run:
     options: dict = field(default_factory=dict)
     true_sequential: bool = False
     owl: bool = False
+    finetune: str = "none"
     fp8: bool = False   # also score the pruned model with FP8-rounded weights (and activations)
 
 
@@ -93,7 +120,11 @@ VARIANTS = {  # admm-grad beyond the paper, each measured against plain admm-gra
     # TF32 GEMMs in the solve; on the CPU emulated (see emulated_tf32).
     "admm-grad-tf32": dict(options={"matmul": "tf32"}),
     "admm-grad-owl": dict(owl=True),
+    # Issue 13: the ft-owl recipe (params-ft-owl.yaml) and its block fine-tune alone.
+    "admm-grad-ft-owl": dict(finetune="standard", owl=True),
+    "admm-grad-ft": dict(finetune="standard"),
 }
+RECIPE = "admm-grad-ft-owl"
 
 
 def grid() -> list[Run]:
@@ -117,6 +148,31 @@ def grid() -> list[Run]:
     runs += [Run("wanda-owl", "wanda", "unstructured", 0.7, owl=True),
              Run("sparsegpt-owl", "sparsegpt", "unstructured", 0.7, owl=True)]
     runs += variants("unstructured", 0.8, ["admm-grad-owl", "admm-grad-tseq"])
+    return runs
+
+
+HELDOUT_SETTINGS = ("unstructured:0.6", "unstructured:0.7", "2:4:0.5", "unstructured:0.5", "unstructured:0.8")
+ABLATED = ("unstructured:0.6", "unstructured:0.7")  # where the recipe's parts are measured alone too
+
+
+def setting_of(run: Run) -> str:
+    return f"{run.pattern}:{run.sparsity:g}"
+
+
+def heldout_grid(settings: list[str] | None = None) -> list[Run]:
+    """Plain admm-grad and the recipe at every setting (in the order given), and the
+    recipe's parts alone (OWL, fine-tune) where ABLATED says. With an N:M pattern OWL
+    does nothing, so there the recipe is the fine-tune alone and the parts are not run."""
+    runs = []
+    for setting in settings or HELDOUT_SETTINGS:
+        pattern, _, sparsity = setting.rpartition(":")
+        if not pattern or pattern != "unstructured" and pattern.count(":") != 1:
+            raise SystemExit(f"--setting: expected pattern:sparsity such as unstructured:0.6 or 2:4:0.5, "
+                             f"got {setting!r}")
+        names = ["admm-grad", RECIPE]
+        if setting in ABLATED:
+            names += ["admm-grad-owl", "admm-grad-ft"]
+        runs += [Run(n, "admm-grad", pattern, float(sparsity), **VARIANTS.get(n, {})) for n in names]
     return runs
 
 
@@ -147,15 +203,30 @@ def emulated_tf32():
         AdmmSystem.start, AdmmSystem.step = start, step
 
 
+def load_calibration(data_dir: Path, tokenizer, profile: Profile, seed: int = 0,
+                     bos_id: int | None = None) -> torch.Tensor:
+    calib_docs = read_documents(data_dir / "c4-train-first1000.jsonl")
+    return calibration_windows(calib_docs, tokenizer, profile.nsamples, profile.seqlen, seed=seed, bos_id=bos_id)
+
+
+def _held_windows(ids: torch.Tensor, profile: Profile, count: int | None, bos_id: int | None) -> torch.Tensor:
+    """Windows first_window .. first_window + count - 1 (all from first_window when count is None)."""
+    first = profile.first_window
+    windows = split_windows(ids, profile.seqlen, None if count is None else first + count, bos_id=bos_id)[first:]
+    if profile.heldout and count is not None and windows.shape[0] < count:
+        raise SystemExit(f"the text has {first + windows.shape[0]} windows of {profile.seqlen} tokens; "
+                         f"profile needs {first + count}")
+    return windows
+
+
 def load_eval_data(data_dir: Path, tokenizer, profile: Profile, bos_id: int | None = None):
     """The pipeline's windows; bos_id as pruning.data.window_bos_id gives it."""
-    calib_docs = read_documents(data_dir / "c4-train-first1000.jsonl")
-    calib = calibration_windows(calib_docs, tokenizer, profile.nsamples, profile.seqlen, seed=0, bos_id=bos_id)
-    wiki = split_windows(wikitext2_ids(read_documents(data_dir / "wikitext2-raw-test.txt"), tokenizer),
-                         profile.seqlen, profile.wikitext_windows, bos_id=bos_id)
+    calib = load_calibration(data_dir, tokenizer, profile, seed=profile.seeds[0], bos_id=bos_id)
+    wiki = _held_windows(wikitext2_ids(read_documents(data_dir / "wikitext2-raw-test.txt"), tokenizer),
+                         profile, profile.wikitext_windows, bos_id)
     c4val = c4_validation_ids(read_documents(data_dir / "c4_validation_2k.parquet"), tokenizer,
-                              profile.seqlen, profile.c4_windows, bos_id=bos_id)
-    return calib, wiki, split_windows(c4val, profile.seqlen, profile.c4_windows, bos_id=bos_id)
+                              profile.seqlen, profile.first_window + profile.c4_windows, bos_id=bos_id)
+    return calib, wiki, _held_windows(c4val, profile, profile.c4_windows, bos_id)
 
 
 def fp8_cost(model, wiki, c4val, pattern: str, *, device: str, progress: bool) -> dict:
@@ -211,14 +282,62 @@ def fp8_changes(record: dict) -> dict:
             "fp8_within_2pct": abs(weights) <= FP8_TOLERANCE and abs(both) <= FP8_TOLERANCE}
 
 
+def measure(run: Run, dense, inputs, wiki, c4val, *, device: str, progress: bool) -> dict:
+    """Prune a fresh copy of `dense` as `run` says (dense: no pruning) and score it: the
+    measured fields of a record."""
+    stats, prune_seconds, extra = [], 0.0, {}
+    if run.method == "dense":
+        model = dense
+    else:
+        spec = PruneSpec(run.method, run.sparsity, run.pattern, dict(run.options),
+                         true_sequential=run.true_sequential, finetune=run.finetune, owl=run.owl)
+        model = copy.deepcopy(dense)
+        emulate = run.options.get("matmul") == "tf32" and not device.startswith("cuda")
+        if emulate:
+            extra["matmul"] = "tf32 emulated on the CPU (operands rounded to a 10-bit mantissa)"
+        with emulated_tf32() if emulate else nullcontext():
+            # prune_model counts OWL's outlier scoring (phase "owl") in its seconds.
+            result = prune_model(model, None, spec, device=device, progress=progress, inputs=inputs)
+        prune_seconds = result.seconds
+        stats = result.layers
+        extra["phase_seconds"] = {k: round(v, 3) for k, v in result.phase_seconds.items()}
+        if run.owl and spec.block_overrides:
+            extra["owl_block_sparsity"] = [round(spec.block_overrides[i]["sparsity"], 4)
+                                           for i in sorted(spec.block_overrides)]
+    if run.fp8:
+        extra.update(fp8_cost(model, wiki, c4val, run.pattern, device=device, progress=progress))
+    wiki_ppl = perplexity(model, wiki, device=device, progress=progress, desc="wikitext2")
+    c4_ppl = perplexity(model, c4val, device=device, progress=progress, desc="c4")
+    if model is not dense:
+        del model
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return {"wikitext2_ppl": wiki_ppl, "c4_ppl": c4_ppl, "prune_seconds": prune_seconds,
+            "mean_rel_error": (sum(s["rel_error"] for s in stats) / len(stats)) if stats else 0.0,
+            "measured_sparsity": (sum(s["sparsity"] for s in stats) / len(stats)) if stats else 0.0, **extra}
+
+
+def describe(run: Run, profile_name: str, profile: Profile, protocol: str, device: str, commit: str) -> dict:
+    """The fields of a record that say what was measured, where and at which commit."""
+    return {"model": profile.model, "method": run.name, "pattern": run.pattern, "sparsity": run.sparsity,
+            "protocol": protocol, "commit": commit, "profile": profile_name, "device": device_label(device),
+            "model_dtype": profile.dtype, "base_method": run.method, "options": run.options,
+            "true_sequential": run.true_sequential, "owl": run.owl, "finetune": run.finetune,
+            "torch": torch.__version__}
+
+
 def run_grid(profile_name: str, *, out: Path, data_dir: Path, device: str, only: list[str] | None = None,
              force: bool = False, progress: bool = False, cache_dir: str | None = None,
              settings: list[str] | None = None) -> list[dict]:
     profile = PROFILES[profile_name]
+    if profile.heldout:
+        return run_heldout(profile_name, out=out, data_dir=data_dir, device=device, only=only, force=force,
+                           progress=progress, cache_dir=cache_dir, settings=settings)
     protocol = profile.protocol(device)
     results = ResultFile(out, KEY)
     todo = [r for r in grid() if (not only or r.name in only)
-            and (not settings or r.method == "dense" or f"{r.pattern}:{r.sparsity:g}" in settings)]
+            and (not settings or r.method == "dense" or setting_of(r) in settings)]
     todo = [r for r in todo if force or not results.has(model=profile.model, method=r.name, pattern=r.pattern,
                                                            sparsity=r.sparsity, protocol=protocol)]
     print(f"{len(todo)} record(s) to measure ({protocol}) -> {out}", flush=True)
@@ -231,61 +350,88 @@ def run_grid(profile_name: str, *, out: Path, data_dir: Path, device: str, only:
     inputs = capture_block_inputs(dense, calib, device=device)
     capture_seconds = time.perf_counter() - t0
     commit = git_commit()
-    owl_cache: dict[float, tuple[dict, float]] = {}   # sparsity -> (overrides, seconds)
 
     for run in todo:
         t0 = time.perf_counter()
-        stats, prune_seconds, extra = [], 0.0, {}
-        if run.method == "dense":
-            model = dense
-        else:
-            spec = PruneSpec(run.method, run.sparsity, run.pattern, dict(run.options),
-                             true_sequential=run.true_sequential)
-            if run.owl:
-                if run.sparsity not in owl_cache:
-                    t1 = time.perf_counter()
-                    overrides = owl_block_overrides(dense, inputs, run.sparsity)
-                    owl_cache[run.sparsity] = (overrides, time.perf_counter() - t1)
-                spec.block_overrides, owl_seconds = owl_cache[run.sparsity]
-                # The outlier scoring is part of the method's cost.
-                prune_seconds += owl_seconds
-                extra["owl_block_sparsity"] = [round(o["sparsity"], 4) for o in spec.block_overrides.values()]
-            model = copy.deepcopy(dense)
-            emulate = run.options.get("matmul") == "tf32" and not device.startswith("cuda")
-            if emulate:
-                extra["matmul"] = "tf32 emulated on the CPU (operands rounded to a 10-bit mantissa)"
-            with emulated_tf32() if emulate else nullcontext():
-                result = prune_model(model, None, spec, device=device, progress=progress, inputs=inputs)
-            prune_seconds += result.seconds
-            stats = result.layers
-        if run.fp8:
-            extra.update(fp8_cost(model, wiki, c4val, run.pattern, device=device, progress=progress))
-        wiki_ppl = perplexity(model, wiki, device=device, progress=progress, desc="wikitext2")
-        c4_ppl = perplexity(model, c4val, device=device, progress=progress, desc="c4")
-        record = {
-            "model": profile.model, "method": run.name, "pattern": run.pattern, "sparsity": run.sparsity,
-            "wikitext2_ppl": wiki_ppl, "c4_ppl": c4_ppl, "protocol": protocol,
-            "prune_seconds": prune_seconds, "commit": commit,
-            "profile": profile_name, "device": device_label(device), "model_dtype": profile.dtype,
-            "base_method": run.method, "options": run.options, "true_sequential": run.true_sequential,
-            "owl": run.owl, "capture_seconds": capture_seconds,
-            "mean_rel_error": (sum(s["rel_error"] for s in stats) / len(stats)) if stats else 0.0,
-            "measured_sparsity": (sum(s["sparsity"] for s in stats) / len(stats)) if stats else 0.0,
-            "torch": torch.__version__, "record_seconds": time.perf_counter() - t0, **extra,
-        }
+        measured = measure(run, dense, inputs, wiki, c4val, device=device, progress=progress)
+        record = {**describe(run, profile_name, profile, protocol, device, commit), **measured,
+                  "capture_seconds": capture_seconds, "record_seconds": time.perf_counter() - t0}
         if run.fp8:
             record.update(fp8_changes(record))
             print(f"{run.name}: unquantised wikitext2 {record['unquantised_wikitext2_ppl']:.3f}, fp8 weights "
-                  f"{wiki_ppl:.3f} ({record['fp8_wikitext2_change']:+.2%}), fp8 weights+activations "
-                  f"{record['fp8_act_wikitext2_ppl']:.3f} ({record['fp8_act_wikitext2_change']:+.2%})", flush=True)
+                  f"{record['wikitext2_ppl']:.3f} ({record['fp8_wikitext2_change']:+.2%}), fp8 "
+                  f"weights+activations {record['fp8_act_wikitext2_ppl']:.3f} "
+                  f"({record['fp8_act_wikitext2_change']:+.2%})", flush=True)
         results.add(record)
-        print(f"{run.name:20s} {run.pattern:12s} {run.sparsity:.2f}  wikitext2 {wiki_ppl:10.3f}  "
-              f"c4 {c4_ppl:10.3f}  prune {prune_seconds:7.1f}s", flush=True)
-        if model is not dense:
-            del model
-            gc.collect()
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
+        print(f"{run.name:20s} {run.pattern:12s} {run.sparsity:.2f}  wikitext2 {record['wikitext2_ppl']:10.3f}  "
+              f"c4 {record['c4_ppl']:10.3f}  prune {record['prune_seconds']:7.1f}s", flush=True)
+    return results.records
+
+
+def seeds_file(out: Path) -> Path:
+    """Where the per-seed records of a held-out run go: quality.json -> quality-seeds.json."""
+    return out.with_name(f"{out.stem}-seeds{out.suffix}")
+
+
+def mean_record(per_seed: list[dict]) -> dict:
+    """One record from a method's per-seed records: the mean of each measured number,
+    and the spread (sample standard deviation, min, max) of the perplexities."""
+    first = per_seed[0]
+    record = {k: v for k, v in first.items() if k not in ("seed", "record_seconds", "phase_seconds",
+                                                          "owl_block_sparsity", "capture_seconds")}
+    for key in ("wikitext2_ppl", "c4_ppl", "prune_seconds", "mean_rel_error", "measured_sparsity"):
+        values = [r[key] for r in per_seed]
+        record[key] = statistics.fmean(values)
+        if key.endswith("_ppl"):
+            record[f"{key}_seeds"] = values
+            record[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            record[f"{key}_min"], record[f"{key}_max"] = min(values), max(values)
+    record["seeds"] = [r["seed"] for r in per_seed]
+    record["commit"] = ",".join(sorted({r["commit"] for r in per_seed}))
+    return record
+
+
+def run_heldout(profile_name: str, *, out: Path, data_dir: Path, device: str, only: list[str] | None = None,
+                force: bool = False, progress: bool = False, cache_dir: str | None = None,
+                settings: list[str] | None = None) -> list[dict]:
+    """The held-out protocol (issue 13): every run of heldout_grid once per seed, each
+    seed's record written at once (a rerun skips it), the mean written when the last
+    seed of a run is in."""
+    profile = PROFILES[profile_name]
+    protocol = profile.protocol(device)
+    results, seeded = ResultFile(out, KEY), ResultFile(seeds_file(out), KEY + ("seed",))
+    runs = [r for r in heldout_grid(settings) if not only or r.name in only]
+
+    def key(run, **more):
+        return dict(model=profile.model, method=run.name, pattern=run.pattern, sparsity=run.sparsity,
+                    protocol=protocol, **more)
+
+    todo = [(run, seed) for run in runs for seed in profile.seeds
+            if force or not (results.has(**key(run)) or seeded.has(**key(run, seed=seed)))]
+    print(f"{len(todo)} seed record(s) to measure ({protocol}) -> {seeded.path}, means -> {out}", flush=True)
+    if todo:
+        dense, tokenizer = load_model(profile.model, dtype=profile.dtype, device=device, cache_dir=cache_dir)
+        bos_id = window_bos_id(dense.config, tokenizer)
+        _, wiki, c4val = load_eval_data(data_dir, tokenizer, profile, bos_id)
+        commit = git_commit()
+        inputs_of: dict[int, tuple] = {}   # seed -> (block inputs, capture seconds)
+        for run, seed in todo:
+            if seed not in inputs_of:
+                t0 = time.perf_counter()
+                calib = load_calibration(data_dir, tokenizer, profile, seed, bos_id)
+                inputs_of[seed] = (capture_block_inputs(dense, calib, device=device), time.perf_counter() - t0)
+            inputs, capture_seconds = inputs_of[seed]
+            t0 = time.perf_counter()
+            measured = measure(run, dense, inputs, wiki, c4val, device=device, progress=progress)
+            seeded.add({**describe(run, profile_name, profile, protocol, device, commit), "seed": seed,
+                        **measured, "capture_seconds": capture_seconds,
+                        "record_seconds": time.perf_counter() - t0})
+            print(f"{run.name:20s} {setting_of(run):18s} seed {seed}  wikitext2 {measured['wikitext2_ppl']:10.3f}  "
+                  f"c4 {measured['c4_ppl']:10.3f}  prune {measured['prune_seconds']:7.1f}s", flush=True)
+            if force or not results.has(**key(run)):
+                per_seed = [r for r in seeded.records if seeded.key(r)[:len(KEY)] == seeded.key(key(run))[:len(KEY)]]
+                if sorted(r["seed"] for r in per_seed) == sorted(profile.seeds):
+                    results.add(mean_record(sorted(per_seed, key=lambda r: r["seed"])))
     return results.records
 
 
@@ -298,7 +444,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--only", action="append", help="method name(s) of the grid to run")
     parser.add_argument("--setting", action="append",
-                        help="pattern:sparsity of the grid to run, e.g. unstructured:0.5 (repeatable)")
+                        help="pattern:sparsity of the grid to run, e.g. unstructured:0.5 or 2:4:0.5 (repeatable; "
+                             "heldout runs them in the order given)")
     parser.add_argument("--cache-dir", default=None, help="where the converted model is cached")
     parser.add_argument("--force", action="store_true", help="redo records already in the JSON")
     parser.add_argument("--progress", action="store_true")

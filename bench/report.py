@@ -1,6 +1,10 @@
 #!/usr/bin/env python
 """Tables and plots from bench/results/{quality,speed}.json.
 
+Records of the held-out protocol (bench/quality.py --profile heldout, issue 13) get
+their own table (heldout_tables): the ft-owl recipe and its parts against plain
+admm-grad at each setting, as means over calibration seeds with their spread.
+
     python bench/report.py                 # print the Markdown tables, write the plots
     python bench/report.py --write-docs    # also put the tables into docs/benchmarks.md
 
@@ -34,11 +38,18 @@ def _method_key(name: str):
     return (METHOD_ORDER.index(name) if name in METHOD_ORDER else len(METHOD_ORDER), name)
 
 
+def is_heldout(record: dict) -> bool:
+    return "heldout" in record["protocol"]
+
+
 def quality_tables(records: list[dict]) -> str:
-    """Per protocol: one table per metric, methods down, sparsity patterns across."""
+    """Per protocol: one table per metric, methods down, sparsity patterns across
+    (held-out records: see heldout_tables)."""
     out = []
     by_protocol = defaultdict(list)
     for r in records:
+        if is_heldout(r):
+            continue
         by_protocol[(r["model"], r["protocol"])].append(r)
     for (model, protocol), recs in by_protocol.items():
         cells = {(r["method"], r["pattern"], round(r["sparsity"], 4)): r for r in recs}
@@ -72,7 +83,7 @@ def quality_plot(records: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    protocols = sorted({r["protocol"] for r in records})
+    protocols = sorted({r["protocol"] for r in records if not is_heldout(r)})
     fig, axes = plt.subplots(len(protocols), 2, figsize=(11, 4.2 * len(protocols)), squeeze=False)
     for row, protocol in enumerate(protocols):
         recs = [r for r in records if r["protocol"] == protocol and r["pattern"] == "unstructured"]
@@ -94,6 +105,62 @@ def quality_plot(records: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+HELDOUT_METHODS = [("admm-grad", "admm-grad (plain)"), ("admm-grad-owl", "+ OWL only"),
+                   ("admm-grad-ft", "+ block fine-tune only"), ("admm-grad-ft-owl", "recipe: + OWL + fine-tune")]
+# Issue 13: the recipe's mean WikiText-2 change against plain admm-grad must be at most
+# this (C4 no worse at every setting, prune time at most 3x).
+HELDOUT_TARGETS = {("unstructured", 0.6): -0.10, ("unstructured", 0.7): -0.10, ("2:4", 0.5): -0.05,
+                   ("unstructured", 0.5): 0.0, ("unstructured", 0.8): 0.0}
+TIME_LIMIT = 3.0
+
+
+def _setting_key(setting: tuple[str, float]):
+    pattern, sparsity = setting
+    return (pattern != "unstructured", pattern, sparsity)
+
+
+def heldout_tables(records: list[dict]) -> str:
+    """Per held-out protocol: each setting's methods with mean ± sample standard
+    deviation over the seeds, the change against plain admm-grad, and whether the
+    recipe meets issue 13's target there."""
+    out = []
+    groups = defaultdict(list)
+    for r in records:
+        if is_heldout(r):
+            groups[(r["model"], r["protocol"])].append(r)
+    for (model, protocol), recs in groups.items():
+        commits = sorted({r["commit"] for r in recs})
+        devices = sorted({r.get("device", "?") for r in recs})
+        out.append(f"Model `{model}`, protocol `{protocol}`; {len(recs)} records (each the mean of "
+                   f"{len(recs[0].get('seeds', [])) or '?'} seeds), commit(s) {', '.join(f'`{c}`' for c in commits)}, "
+                   f"device(s) {', '.join(f'`{d}`' for d in devices)}. ± is the sample standard deviation "
+                   f"over the seeds; Δ is against plain admm-grad's mean at the same setting.\n")
+        out.append("| setting | method | WikiText-2 | Δ | C4 | Δ | prune s | x plain | target |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
+        cells = {(r["pattern"], round(r["sparsity"], 4), r["method"]): r for r in recs}
+        for setting in sorted({(r["pattern"], round(r["sparsity"], 4)) for r in recs}, key=_setting_key):
+            plain = cells.get((*setting, "admm-grad"))
+            for method, label in HELDOUT_METHODS:
+                r = cells.get((*setting, method))
+                if r is None:
+                    continue
+                row = [_col_name(*setting), label,
+                       f"{r['wikitext2_ppl']:.2f} ± {r.get('wikitext2_ppl_std', 0):.2f}", "",
+                       f"{r['c4_ppl']:.2f} ± {r.get('c4_ppl_std', 0):.2f}", "", f"{r['prune_seconds']:.1f}", "", ""]
+                if plain is not None and r is not plain:
+                    wiki = r["wikitext2_ppl"] / plain["wikitext2_ppl"] - 1
+                    c4 = r["c4_ppl"] / plain["c4_ppl"] - 1
+                    time = r["prune_seconds"] / plain["prune_seconds"]
+                    row[3], row[5], row[7] = f"{wiki:+.1%}", f"{c4:+.1%}", f"{time:.2f}"
+                    target = HELDOUT_TARGETS.get(setting)
+                    if method == "admm-grad-ft-owl" and target is not None:
+                        met = wiki <= target and c4 <= 0 and time <= TIME_LIMIT
+                        row[8] = f"{'met' if met else 'missed'} (WikiText-2 ≤ {target:+.0%}, C4 ≤ 0, ≤ {TIME_LIMIT:g}x)"
+                out.append("| " + " | ".join(row) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
 def speed_tables(records: list[dict]) -> str:
@@ -188,6 +255,7 @@ def main(argv=None) -> None:
     quality, speed = load_records(args.quality), load_records(args.speed)
     q_table, s_table = quality_tables(quality), speed_tables(speed)
     print(q_table)
+    print(heldout_tables(quality))
     print(s_table)
     if quality:
         quality_plot(quality, RESULTS / "quality_ppl_vs_sparsity.png")
@@ -196,6 +264,7 @@ def main(argv=None) -> None:
     if args.write_docs:
         text = DOCS.read_text(encoding="utf-8")
         text = replace_section(text, "quality", q_table or "_No records yet._")
+        text = replace_section(text, "heldout", heldout_tables(quality) or "_No records yet._")
         text = replace_section(text, "speed", s_table or "_No records yet._")
         DOCS.write_text(text, encoding="utf-8")
 

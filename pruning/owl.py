@@ -23,6 +23,7 @@ import torch
 
 from .discovery import block_linears, decoder_layers, layer_weight
 from .runner import BlockInputs
+from .settings import OWL_LAMBDA
 from .walk import DEFAULT_BATCH_SIZE, LinearTap, walk_block
 
 
@@ -46,16 +47,19 @@ def block_outlier_ratios(model, inputs: BlockInputs, *, m: float = 5.0,
     ratios = []
     hidden = inputs.hidden.clone()
     for i, block in enumerate(decoder_layers(model)):
+        home = next(block.parameters()).device
+        block.to(hidden.device)  # an offloaded block visits the activations' device
         linears = block_linears(block)
         norms = InputNorms(linears)
         walk_block(block, hidden, inputs.calls[i], batch_size=batch_size, taps=[norms], write_back=True)
+        block.to(home)
         scores = torch.cat([(layer_weight(lin).float().abs() * norms.sq_norms[name].sqrt()[None, :]).reshape(-1)
                             for name, lin in linears.items() if name in norms.sq_norms])
         ratios.append(float((scores > m * scores.mean()).float().mean()))
     return ratios
 
 
-def owl_sparsities(ratios: list[float], sparsity: float, lam: float = 0.08) -> list[float]:
+def owl_sparsities(ratios: list[float], sparsity: float, lam: float = OWL_LAMBDA) -> list[float]:
     """Per-block sparsities from outlier ratios D_i (see the module docstring)."""
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity: expected a fraction in [0, 1), got {sparsity!r}")
@@ -80,7 +84,7 @@ def owl_sparsities(ratios: list[float], sparsity: float, lam: float = 0.08) -> l
     return [float(v) for v in shifted(0.5 * (lo + hi))]
 
 
-def owl_block_overrides(model, inputs: BlockInputs, sparsity: float, *, lam: float = 0.08,
+def owl_block_overrides(model, inputs: BlockInputs, sparsity: float, *, lam: float = OWL_LAMBDA,
                         m: float = 5.0, batch_size: int = DEFAULT_BATCH_SIZE) -> dict[int, dict]:
     """`block_overrides` for PruneSpec: {block index: {"sparsity": s_i}}.
 

@@ -3,8 +3,12 @@
 1. Capture the inputs of decoder block 0 for every calibration sample, and the
    keyword arguments (masks, RoPE position embeddings, ...) the model hands each block.
 2. For each block: walk it over all samples with a Gram tap, prune its linear
-   layers (layers that share an input are solved together), then walk the pruned
-   block to turn its inputs into the next block's, in place.
+   layers (layers that share an input are solved together), optionally fit the
+   pruned block to the dense block's outputs (prune.finetune, pruning/finetune.py),
+   then walk the pruned block to turn its inputs into the next block's, in place.
+
+With owl, the per-block sparsities come from the dense model before step 2
+(PruneSpec.apply_owl).
 
 Samples go through the model and each block in batches (`batch_size`), into one
 preallocated activation buffer (pruning/walk.py).
@@ -25,12 +29,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .finetune import finetune_block
 from .finite import located, require_finite
 from .discovery import (block_linears, decoder_layers, layer_weight, layers_prefix,  # noqa: F401 (re-exported)
                         prunable_linear_names, set_layer_weight, to_out_in)
 from .gram import GramCollector, exact_fp32_matmul
 from .layer import LayerJob, prune_layers, require_finite_gram, require_finite_weight
-from .settings import LayerSettings, PruneSettings
+from .settings import FINETUNE_SCHEDULES, LayerSettings, PruneSettings, parse_pattern
 from .walk import DEFAULT_BATCH_SIZE, BlockCall, batch_slices, propagate, run_block, walk_block
 
 _CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past")
@@ -152,6 +157,28 @@ class PruneSpec(PruneSettings):
 
     def __post_init__(self):
         self._n_blocks: int | None = None  # known once validate(model) has seen the model
+        self._owl_applied = False
+
+    def apply_owl(self, model: nn.Module, inputs: BlockInputs, *, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
+        """With owl: set each block's sparsity from the dense model's outlier ratios
+        (pruning.owl), under the user's block overrides: a block whose override sets a
+        sparsity or a pattern keeps it. Call it on the dense model after validate() and
+        before block_settings() (the block store keys blocks on those); prune_model
+        calls it when the caller has not. Without owl, or with an N:M default pattern
+        (the pattern fixes the sparsity), it changes nothing."""
+        if not self.owl or self._owl_applied:
+            return
+        self._owl_applied = True
+        if parse_pattern(self.pattern) is not None:
+            return
+        from .owl import owl_block_overrides  # pruning.owl builds on this module
+
+        users = {index: override for index, (_, override) in self._block_levels(self._n_blocks).items()}
+        merged = {}
+        for index, owl in owl_block_overrides(model, inputs, self.sparsity, batch_size=batch_size).items():
+            user = users.pop(index, {})
+            merged[index] = dict(user) if "sparsity" in user or "pattern" in user else {**owl, **user}
+        self.block_overrides = {**merged, **users}
 
     def _has_mask(self, block_index: int, layer_name: str) -> bool:
         # Mask keys are full names (prefix.i.name), checked against the model by validate().
@@ -179,7 +206,8 @@ class PruneSpec(PruneSettings):
             if mask is not None:
                 entry["mask_sha256"] = hashlib.sha256(mask.to(torch.uint8).cpu().numpy().tobytes()).hexdigest()
             out[name] = entry
-        return {"true_sequential": self.true_sequential, "layers": out}
+        return {"true_sequential": self.true_sequential, "finetune": self.finetune, "owl": self.owl,
+                "layers": out}
 
     def validate(self, model: nn.Module, mask_path: tuple = ("masks",)) -> dict[str, LayerSettings]:
         """Check every layer's settings and the user masks against the model before
@@ -213,7 +241,7 @@ class PruneResult:
     seconds: float
     reused_blocks: list[int]
     computed_blocks: list[int]
-    phase_seconds: dict[str, float] = field(default_factory=dict)  # capture, gram, solve, propagate
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # capture, gram, solve, finetune, propagate
 
 
 def _relative_error(old: torch.Tensor, new: torch.Tensor, gram: torch.Tensor) -> float:
@@ -226,8 +254,8 @@ def _relative_error(old: torch.Tensor, new: torch.Tensor, gram: torch.Tensor) ->
 
 
 class _PhaseClock:
-    """Wall time per phase (capture, gram, solve, propagate). On CUDA it waits for the
-    device at phase boundaries only (a few times per block), never inside a solve."""
+    """Wall time per phase (capture, owl, gram, solve, finetune, propagate). On CUDA it
+    waits for the device at phase boundaries only (a few times per block), never inside a solve."""
 
     def __init__(self, device):
         self.cuda = torch.device(device).type == "cuda"
@@ -300,6 +328,10 @@ def _require_finite_block_inputs(where: str, hidden: torch.Tensor, collector: Gr
 
 def _prune_block(block, index, prefix, hidden, call, spec: PruneSpec, batch_size, clock) -> list[dict]:
     linears = block_linears(block)
+    schedule = FINETUNE_SCHEDULES[spec.finetune]
+    if schedule is not None:
+        with clock("finetune"):
+            targets = propagate(block, hidden, call, batch_size=batch_size)  # the dense block's outputs
     with clock("gram"):
         collector = _collect_grams(block, linears, hidden, call, batch_size)  # every Gram, from the dense block
     _require_finite_block_inputs(_where(index, prefix), hidden, collector)
@@ -311,6 +343,10 @@ def _prune_block(block, index, prefix, hidden, call, spec: PruneSpec, batch_size
                 collector = _collect_grams(block, linears, hidden, call, batch_size, active={group[0]})
         with clock("solve"), located(_where(index, prefix)):
             stats.extend(_prune_group(index, prefix, group, linears, collector.gram_of(group[0]), spec))
+    if schedule is not None:
+        with clock("finetune"), located(_where(index, prefix)):
+            finetune_block(block, linears, hidden, call, targets, steps=schedule.steps, lr=schedule.lr,
+                           batch_size=batch_size)
     return stats
 
 
@@ -340,6 +376,9 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor | None, spec: PruneSpe
         with clock("capture"):
             inputs = capture_block_inputs(model, calib_ids, device=device, progress=progress,
                                           offload=offload, batch_size=batch_size)
+    if spec.owl:
+        with clock("owl"):
+            spec.apply_owl(model, BlockInputs(inputs.hidden.to(device), inputs.calls), batch_size=batch_size)
     hidden = inputs.hidden.to(device).clone()  # walked in place, block after block
     prefix = layers_prefix(model) + "."
     stats, reused, computed = [], [], []

@@ -6,7 +6,9 @@ can run before anything heavy is imported.
 - METHODS, the method registry: each method has an options type, a frozen
   dataclass whose fields are its options with the paper defaults.
 - PruneSettings: a default (method, sparsity, pattern, options), per-block and
-  per-layer overrides, true_sequential.
+  per-layer overrides, true_sequential, and two steps beyond the paper: `finetune`
+  (a few optimiser steps per pruned block, masks fixed; FINETUNE_SCHEDULES) and
+  `owl` (per-block sparsity from outlier ratios, pruning.owl).
 - The one resolver: the default, then the block's override, then every layer
   override whose key matches the end of the layer's name ("mlp.down_proj" matches
   "mlp.down_proj" and "x.mlp.down_proj"). A level that sets an N:M pattern without
@@ -377,8 +379,25 @@ def user_mask_settings(resolved: LayerSettings) -> LayerSettings:
 # ---------------------------------------------------------------------------- the model
 
 _LEVEL_KEYS = ("method", "sparsity", "pattern", "options")
-_SECTION_KEYS = ("method", "sparsity", "pattern", "options", "true_sequential", "block_overrides",
-                 "layer_overrides")
+_SECTION_KEYS = ("method", "sparsity", "pattern", "options", "true_sequential", "finetune", "owl",
+                 "block_overrides", "layer_overrides")
+
+
+@dataclass(frozen=True)
+class FinetuneSchedule:
+    """Optimiser steps on one pruned block (pruning.finetune): Adam, full-batch
+    gradients over the block's calibration inputs, the dense block's outputs as target."""
+    steps: int
+    lr: float
+
+
+# prune.finetune: the names a user picks, and what each runs.
+FINETUNE_SCHEDULES: dict[str, FinetuneSchedule | None] = {
+    "none": None,
+    "standard": FinetuneSchedule(steps=4, lr=1e-3),
+}
+# OWL moves each block's sparsity by at most this much (the OWL paper's lambda).
+OWL_LAMBDA = 0.08
 
 
 def _known_keys(values, known: Sequence[str], path: tuple, what: str = "parameter") -> None:
@@ -491,6 +510,13 @@ class PruneSettings:
     layer_overrides: {"mlp.down_proj": {...}}: keys match the end of a layer's name
                      inside its block.
     Each override holds any of method, sparsity, pattern, options.
+    finetune:        a FINETUNE_SCHEDULES name: after a block is pruned, its kept
+                     weights are fitted to the dense block's outputs.
+    owl:             per-block sparsity from the dense model's outlier ratios (mean
+                     = sparsity, each within ±OWL_LAMBDA), applied by PruneSpec.apply_owl
+                     under the user's block overrides. A no-op when the default
+                     pattern is N:M (the pattern fixes the sparsity); a block whose
+                     override sets its own sparsity or pattern keeps it.
     """
     method: str
     sparsity: float | None = 0.5
@@ -499,6 +525,8 @@ class PruneSettings:
     block_overrides: dict = field(default_factory=dict)
     layer_overrides: dict = field(default_factory=dict)
     true_sequential: bool = False
+    finetune: str = "none"
+    owl: bool = False
 
     @classmethod
     def from_mapping(cls, values: Mapping, extra_keys: Sequence[str] = ()) -> "PruneSettings":
@@ -541,6 +569,11 @@ class PruneSettings:
             raise SettingsError(("method",), f"expected one of {', '.join(METHODS)}")
         if not isinstance(self.true_sequential, bool):
             raise SettingsError(("true_sequential",), f"expected true or false, got {self.true_sequential!r}")
+        if not isinstance(self.finetune, str) or self.finetune not in FINETUNE_SCHEDULES:
+            raise SettingsError(("finetune",), f"expected one of {', '.join(FINETUNE_SCHEDULES)}, got "
+                                               f"{self.finetune!r}" + did_you_mean(self.finetune, FINETUNE_SCHEDULES))
+        if not isinstance(self.owl, bool):
+            raise SettingsError(("owl",), f"expected true or false, got {self.owl!r}")
         blocks, layers = [], []
         for key, override in self._mapping("block_overrides").items():
             if isinstance(key, bool) or not isinstance(key, int):
@@ -567,7 +600,11 @@ class PruneSettings:
         """The checks that need no model: the default, each block override merged onto
         it and each layer override merged onto it are valid settings."""
         default, blocks, layers = self._levels()
-        _finish(_merge([default]), None, None)
+        base = _finish(_merge([default]), None, None)
+        if self.owl and base.nm is None and not OWL_LAMBDA <= base.sparsity < 1 - OWL_LAMBDA:
+            raise SettingsError(("owl",), f"OWL moves each block's sparsity by up to ±{OWL_LAMBDA:g}, so it needs "
+                                          f"{{0}} in [{OWL_LAMBDA:g}, {1 - OWL_LAMBDA:g}); got {base.sparsity:g}. "
+                                          f"Set owl to false or choose another sparsity", [("sparsity",)])
         for level in (*blocks, *layers):
             _finish(_merge([default, level]), None, None)
 

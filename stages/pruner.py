@@ -76,6 +76,8 @@ def prune(model, params: dict, calib_ids: torch.Tensor, *, masks: dict | None = 
     m = {**MODEL_DEFAULTS, **(params.get("model") or {})}
     device = resolve_device(m["device"])
     spec = prepare(model, params, masks)
+    if inputs is not None:  # OWL's block sparsities are part of the block keys: before the store
+        spec.apply_owl(model, inputs, batch_size=m["batch_size"])
     store = block_store(spec, device) if block_store is not None else None
     result = prune_model(model, calib_ids, spec, device=device, store=store, progress=progress, inputs=inputs,
                          offload=m["offload"], batch_size=m["batch_size"])

@@ -70,6 +70,36 @@ def test_quality_tiny_writes_records_and_resumes(tmp_path, capsys):
     assert "| wanda |" in report.quality_tables(saved)
 
 
+def test_quality_heldout_writes_seed_records_and_their_mean(tmp_path, capsys):
+    """The held-out protocol (issue 13): one record per seed in quality-seeds.json, and
+    in quality.json their mean, with the spread and a protocol naming `heldout` and the
+    seeds. Red when the mean is not the seeds' mean, a seed is skipped, the protocol
+    loses its words, or a rerun measures again."""
+    _write_data(tmp_path / "data")
+    out = tmp_path / "quality.json"
+    only = ["admm-grad", "admm-grad-ft-owl"]
+    records = quality.run_grid("heldout-tiny", out=out, data_dir=tmp_path / "data", device="cpu", only=only,
+                               settings=["unstructured:0.6"])
+    seeds = json.loads((tmp_path / "quality-seeds.json").read_text())
+    assert sorted((r["method"], r["seed"]) for r in seeds) == [(m, s) for m in sorted(only) for s in (0, 1, 2)]
+    assert len(records) == 2 and json.loads(out.read_text()) == records
+    for r in records:
+        assert "heldout" in r["protocol"] and "seeds 0,1,2" in r["protocol"]
+        mine = [s for s in seeds if s["method"] == r["method"]]
+        assert r["wikitext2_ppl"] == pytest.approx(sum(s["wikitext2_ppl"] for s in mine) / 3)
+        assert r["c4_ppl"] == pytest.approx(sum(s["c4_ppl"] for s in mine) / 3)
+        assert r["wikitext2_ppl_min"] <= r["wikitext2_ppl"] <= r["wikitext2_ppl_max"]
+        assert r["wikitext2_ppl_std"] > 0 and r["seeds"] == [0, 1, 2]
+    recipe = next(r for r in records if r["method"] == "admm-grad-ft-owl")
+    assert (recipe["finetune"], recipe["owl"]) == ("standard", True)
+    capsys.readouterr()
+    assert quality.run_grid("heldout-tiny", out=out, data_dir=tmp_path / "data", device="cpu", only=only,
+                            settings=["unstructured:0.6"]) == records
+    assert "0 seed record(s) to measure" in capsys.readouterr().out
+    table = report.heldout_tables(records)
+    assert "| 60% | recipe: + OWL + fine-tune |" in table and "heldout" not in report.quality_tables(records)
+
+
 def test_speed_tiny_writes_records_and_resumes(tmp_path, capsys):
     out = tmp_path / "speed.json"
     records = speed.run("tiny", out=out, device="cpu")

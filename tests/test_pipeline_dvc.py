@@ -363,6 +363,29 @@ def test_override_of_the_last_block_recomputes_only_that_block(repo):
         dvc(repo, "repro")
 
 
+def test_the_ft_owl_recipe_reaches_every_block_key_and_the_pruned_model(repo):
+    """prune.owl's per-block sparsities and prune.finetune are in each block's settings:
+    every block is recomputed, the log's block settings carry OWL's sparsities (mean =
+    prune.sparsity) and the fine-tune, and the pruned layers have those sparsities.
+    Red when the stage computes the block keys before OWL (the store would then reuse
+    the uniform blocks) or drops either setting."""
+    set_params(repo, "prune.owl=true", "prune.finetune=standard")
+    try:
+        got = decisions(dvc(repo, "repro"))
+        assert got["prune"] == "ran"
+        assert read_json(repo / "metrics" / "prune.json")["computed_blocks"] == [0, 1, 2, 3]
+        log = read_json(repo / "artifacts" / "pruned" / "prune_log.json")
+        blocks = [b["layers"]["mlp.down_proj"]["sparsity"] for b in log["block_settings"]]
+        assert len(set(blocks)) > 1 and sum(blocks) / 4 == pytest.approx(0.5, abs=1e-9)
+        assert all(b["owl"] is True and b["finetune"] == "standard" for b in log["block_settings"])
+        layers = {row["layer"]: float(row["sparsity"]) for row in _csv(repo / "plots" / "eval_layers.csv")}
+        for i, target in enumerate(blocks):
+            assert layers[f"model.layers.{i}.mlp.down_proj"] == pytest.approx(target, abs=2e-3)
+    finally:
+        set_params(repo, "prune.owl=false", "prune.finetune=none")
+        dvc(repo, "repro")
+
+
 def test_user_mask_gets_the_admm_update_and_its_content_is_tracked(repo, capsys):
     from flows.cli import main
 
