@@ -1,20 +1,27 @@
-"""Does the thread count change the result? The default pipeline, pruned once at 1
-and once at 2 torch threads, each in a private workspace (flows/experiment.py) that
-shares this repository's DVC cache, with the prune stage forced (DVC's run-cache
-does not know the thread count). Issue 11's target: pruned WikiText-2 within 1 %.
+"""Does the thread count change the result? The pipeline of this workspace (its
+params.yaml; the default unless you changed it), pruned once per thread count
+through the CLI (`admm-prune run --no-prefect --no-save --force prune`, with
+OMP_NUM_THREADS set), each time read back from metrics/. The prune stage is forced
+because DVC's run-cache does not know the thread count. Issue 11's target: 1 and 2
+threads within 1 % pruned WikiText-2.
 
-    python bench/threads.py            # both, about 6 minutes on 2 idle cores
+    python bench/threads.py            # 1 and 2 threads, about 8 minutes on 2 idle cores
     python bench/threads.py --threads 1,2,4
 
-Writes bench/results/threads.json (one record per thread count, resumable by
-deleting it) and prints the spread. The same thread count gives bitwise-identical
-weights (tests/test_pipeline_units.py checks that); different counts sum in a
-different order, and ADMM-Grad's mask choices follow the rounding.
+Writes bench/results/threads.json (one record per thread count and commit,
+resumable) and prints the spread. The same thread count gives bitwise-identical
+weights (tests/test_pipeline_units.py); different counts sum in a different order,
+and ADMM-Grad's mask choices follow the rounding. It drives the CLI in a subprocess
+(bench/ imports neither flows nor stages: it must also run where they cannot).
+The workspace ends with the last thread count's outputs.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,25 +29,20 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import git_commit  # noqa: E402
-from flows.dvc_runner import active_session  # noqa: E402
-from flows.experiment import experiment_workspace, work_env  # noqa: E402
-from flows.workspace import run_pipeline  # noqa: E402
-from stages.paths import EVAL_METRICS, PRUNE_METRICS  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "threads.json"
 
 
 def prune_with_threads(threads: int) -> dict:
-    env = {**work_env(REPO), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    with experiment_workspace(REPO) as ws:
-        run_pipeline(ws, [], None, lambda stage, w, forced: active_session(w).repro(stage, force=forced).as_dict(),
-                     force=("prune",), env=env)
-        ev = json.loads((ws / EVAL_METRICS).read_text())
-        pr = json.loads((ws / PRUNE_METRICS).read_text())
-        params = (ws / "params.yaml").read_text()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    subprocess.run([sys.executable, "-m", "flows.cli", "-C", str(REPO), "run", "--no-prefect", "--no-save",
+                    "--force", "prune"], env=env, check=True)
+    ev = json.loads((REPO / "metrics" / "eval.json").read_text())
+    pr = json.loads((REPO / "metrics" / "prune.json").read_text())
+    params = (REPO / "params.yaml").read_bytes()
     return {"threads": threads, "torch_threads": pr["torch_threads"], "wikitext2_ppl": ev["wikitext2_ppl"],
             "c4_ppl": ev["c4_ppl"], "prune_seconds": pr["prune_seconds"], "commit": git_commit(),
-            "params_sha": __import__("hashlib").sha256(params.encode()).hexdigest()[:12]}
+            "params_sha": hashlib.sha256(params).hexdigest()[:12]}
 
 
 def main(argv=None) -> None:

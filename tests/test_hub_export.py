@@ -107,11 +107,12 @@ def test_report_lineage_names_commit_params_and_input_hashes_but_no_local_path()
     source = {"source": "/home/someone/models/my-llama", "kind": "local", "path": "/home/someone/models/my-llama",
               "sha256": "d" * 64}
     meta = {"git": {"commit": "c" * 40, "dirty": True}, "params": {"prune": {"sparsity": 0.5}},
+            "experiment": {"name": "run-261207-101500", "baseline": "c" * 40},
             "inputs": {"artifacts/model": {"sha256": "a" * 64}, "metrics/eval.json": {"sha256": "e" * 64}}}
     out = lineage(source, meta)
     text = "\n".join(f"{k}: {v}" for k, v in out.items())
     assert "c" * 40 in text and "uncommitted" in text and "a" * 64 in text and "d" * 64 in text
-    assert "params sha256" in out and "experiment" in out
+    assert "params sha256" in out and "run-261207-101500" in out["experiment"]
     assert "/home/someone" not in text and "my-llama" in text
 
 
