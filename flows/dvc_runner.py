@@ -267,7 +267,10 @@ class WorkspaceSession:
                 self.repo._reset()  # the next stage must see the dvc.lock this one wrote
         finally:
             dvc_logger.removeHandler(handler)
-        output = captured[0]
+        # DVC's messages normally reach the descriptors too; where Python's streams were
+        # redirected above them (pytest, notebooks) they come from its logger instead.
+        missing = [line for line in handler.lines if line not in captured[0]]
+        output = "\n".join(missing + [captured[0]])
         if failure is not None:
             tail = "\n".join(output.strip().splitlines()[-25:])
             raise StageFailed(stage, 1, f"{tail}\n{type(failure).__name__}: {failure}")

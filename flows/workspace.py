@@ -80,8 +80,12 @@ def run_pipeline(workspace: Path, sets: list[str] | None, profile: str | None, r
             forced = set(force) | set(plan.forced)
             runs = [run_one(stage, str(workspace), stage in forced) for stage in STAGES]
         ran = [r["stage"] for r in runs if not r["cached"]]
-        # `dvc exp save` takes DVC's lock itself: after the session, still under ours.
-        saved = save_run(workspace, experiment) if experiment and ran else None
+        # Every run that changed the workspace (a stage ran or came back from the
+        # run-cache) is recorded, so each appears in `admm-prune runs` with its own
+        # params and metrics. `dvc exp save` takes DVC's lock itself: after the
+        # session, still under ours.
+        changed = any(r["outcome"] != "skipped" for r in runs)
+        saved = save_run(workspace, experiment) if experiment and changed else None
         keep_good_state(workspace)
     return {"workspace": str(workspace), "params_changes": plan.changes, "stages": runs, "ran": ran,
             "cached": [r["stage"] for r in runs if r["cached"]], "saved": saved, "experiment": experiment}
