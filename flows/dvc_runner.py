@@ -256,6 +256,9 @@ class WorkspaceSession:
         handler = _OutcomeHandler()
         dvc_logger = logging.getLogger("dvc")
         dvc_logger.addHandler(handler)
+        # DVC's own handlers print its messages; a root handler (Prefect's console)
+        # would print each one a second time.
+        propagate, dvc_logger.propagate = dvc_logger.propagate, False
         try:
             with stage_output() as captured:
                 try:
@@ -267,6 +270,7 @@ class WorkspaceSession:
                 self.repo._reset()  # the next stage must see the dvc.lock this one wrote
         finally:
             dvc_logger.removeHandler(handler)
+            dvc_logger.propagate = propagate
         # DVC's messages normally reach the descriptors too; where Python's streams were
         # redirected above them (pytest, notebooks) they come from its logger instead.
         missing = [line for line in handler.lines if line not in captured[0]]
