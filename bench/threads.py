@@ -33,7 +33,7 @@ from bench.common import git_commit  # noqa: E402
 OUT = REPO / "bench" / "results" / "threads.json"
 
 
-def prune_with_threads(threads: int) -> dict:
+def prune_with_threads(threads: int, commit: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     subprocess.run([sys.executable, "-m", "flows.cli", "-C", str(REPO), "run", "--no-prefect", "--no-save",
                     "--force", "prune"], env=env, check=True)
@@ -41,7 +41,7 @@ def prune_with_threads(threads: int) -> dict:
     pr = json.loads((REPO / "metrics" / "prune.json").read_text())
     params = (REPO / "params.yaml").read_bytes()
     return {"threads": threads, "torch_threads": pr["torch_threads"], "wikitext2_ppl": ev["wikitext2_ppl"],
-            "c4_ppl": ev["c4_ppl"], "prune_seconds": pr["prune_seconds"], "commit": git_commit(),
+            "c4_ppl": ev["c4_ppl"], "prune_seconds": pr["prune_seconds"], "commit": commit,
             "params_sha": hashlib.sha256(params).hexdigest()[:12]}
 
 
@@ -50,12 +50,13 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     args = parser.parse_args(argv)
     records = json.loads(OUT.read_text()) if OUT.is_file() else []
+    commit = git_commit()
     for threads in [int(t) for t in args.threads.split(",")]:
-        if any(r["threads"] == threads and r["commit"] == git_commit() for r in records):
+        if any(r["threads"] == threads and r["commit"] == commit for r in records):
             continue
-        records.append(prune_with_threads(threads))
+        records.append(prune_with_threads(threads, commit))
         OUT.write_text(json.dumps(records, indent=1) + "\n")
-    current = [r for r in records if r["commit"] == git_commit()]
+    current = [r for r in records if r["commit"] == commit]
     for r in current:
         print(f"{r['threads']} thread(s): WikiText-2 {r['wikitext2_ppl']:.3f}, C4 {r['c4_ppl']:.3f}, "
               f"prune {r['prune_seconds']:.0f} s")

@@ -285,12 +285,13 @@ def run() -> None:
         shutil.rmtree(export)
     shutil.copytree(PRUNED_DIR, export)
 
+    git = git_state()
     meta = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "git": git_state(),
+        "git": git,
         # The experiment this run is saved as, on top of git.commit (its baseline);
         # null for a plain `dvc repro` or a run with --no-save.
-        "experiment": {"name": os.environ.get(EXPERIMENT_ENV) or None, "baseline": git_state()["commit"]},
+        "experiment": {"name": os.environ.get(EXPERIMENT_ENV) or None, "baseline": git["commit"]},
         "torch_threads": {"prune": pr.get("torch_threads")},
         "params": {k: params[k] for k in ("model", "calibrate", "prune", "convert", "evaluate")},
         "seeds": {"calibrate.seed": params["calibrate"]["seed"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import shutil
 import subprocess
@@ -289,7 +290,7 @@ def test_a_tracked_file_edited_in_place_is_named_before_anything_runs(tmp_path):
     (tmp_path / "data").mkdir()
     text = tmp_path / "data" / "calib.jsonl"
     text.write_text('{"text": "a"}\n')
-    digest = __import__("hashlib").md5(text.read_bytes()).hexdigest()
+    digest = hashlib.md5(text.read_bytes()).hexdigest()
     (tmp_path / "data" / "calib.jsonl.dvc").write_text(f"outs:\n- md5: {digest}\n  size: 15\n  hash: md5\n  path: calib.jsonl\n")
     check_tracked_data(tmp_path)
     text.write_text('{"text": "b"}\n')

@@ -5,6 +5,7 @@ real CLI on tiny-random-llama in a temporary git + DVC workspace.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -38,9 +39,8 @@ def up_to_date(repo) -> bool:
 
 
 def test_a_plain_dvc_repro_during_a_run_is_refused_and_the_run_stays_consistent(repo):
-    env = {**workspace_env(repo.parent)}
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--no-prefect", "--no-save", "--force", "prune"],
-                            cwd=repo, env={**__import__("os").environ, **env}, stdout=subprocess.PIPE,
+                            cwd=repo, env={**os.environ, **workspace_env(repo.parent)}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     seen = []
     for line in proc.stdout:
@@ -84,7 +84,7 @@ def test_a_tracked_data_file_edited_in_place_stops_the_run_before_any_stage(repo
     dvc(repo, "add", data)
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
     subprocess.run(["git", "commit", "-qm", "track the calibration text with DVC"], cwd=repo, check=True,
-                   env={**__import__("os").environ, **workspace_env(repo.parent)})
+                   env={**os.environ, **workspace_env(repo.parent)})
     original = (repo / data).read_bytes()
     try:
         (repo / data).write_bytes(original + b'{"text": "an edit nobody recorded"}\n')
