@@ -61,13 +61,13 @@ from torch import nn
 from .fp8 import E4M3, SCALE_DTYPE, dequantize_rows, quantize_rows
 from .masks import find_nm_violation, parse_pattern
 from .discovery import is_prunable, layer_weight, prunable_linear_names, to_out_in
+from .settings import PACKED_FORMATS
 
 log = logging.getLogger(__name__)
 
-FORMAT_NAME = "nm-packed"
+FORMATS = PACKED_FORMATS  # params.yaml convert.format -> on-disk format name
+FORMAT_NAME = FORMATS["packed"]
 FORMAT_VERSION = 1
-# The user-facing names of the formats (params.yaml convert.format) -> on-disk format name.
-FORMATS = {"packed": FORMAT_NAME, "packed-fp8": "nm-packed-fp8"}
 WEIGHTS_FILE = "packed_model.safetensors"
 CONFIG_KEY = "sparsity_packing"
 PARTS = ("values", "indices", "shape", "pattern")

@@ -97,6 +97,8 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
 
 MODEL_ALIASES = ("smollm2-135m", "gemma3-270m", "tiny-random-llama")  # pruning.models resolves them
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
+# convert.format (user-facing name) -> the format name pruning.packing writes on disk.
+PACKED_FORMATS = {"packed": "nm-packed", "packed-fp8": "nm-packed-fp8"}
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 BLOCK_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 

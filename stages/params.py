@@ -26,7 +26,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from pruning.data import TEXT_SUFFIXES
-from pruning.settings import ModelSettings, PruneSettings, SettingsError, did_you_mean
+from pruning.settings import PACKED_FORMATS, ModelSettings, PruneSettings, SettingsError, did_you_mean
 
 from .paths import PARAMS_FILE
 
@@ -39,7 +39,7 @@ CALIBRATE_KEYS = ("data", "nsamples", "seqlen", "seed")
 EVALUATE_KEYS = ("seqlen", "max_windows", "c4_windows", "dense", "wikitext2", "c4")
 DATA_KEYS = ("path", "name", "data_files", "split", "text_field")
 PRUNE_FILE_KEYS = ("mask_file", "mask_sha256")  # the pipeline's own prune keys: a mask file and its hash
-CONVERT_FORMATS = ("packed", "packed-fp8")      # packed: N:M packed weights; packed-fp8: FP8 2:4
+CONVERT_FORMATS = tuple(PACKED_FORMATS)          # packed: N:M packed weights; packed-fp8: FP8 2:4
 CONVERT_DEFAULTS = {"format": "packed"}
 
 
