@@ -13,7 +13,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ruamel.yaml import YAML
+from stages.params import read_yaml
+from stages.paths import entries, read_pipeline
 
 from .dvc_runner import run_dvc
 
@@ -25,18 +26,6 @@ class StagePlan:
     stage: str
     action: str
     reasons: list[str] = field(default_factory=list)
-
-
-def _yaml(path: Path):
-    return YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def _declared(entries) -> list[str]:
-    """Paths or keys from a dvc.yaml list whose items may be `path` or `{path: options}`."""
-    out = []
-    for item in entries or []:
-        out.extend(item.keys() if isinstance(item, dict) else [item])
-    return out
 
 
 def _get(params: dict, dotted: str):
@@ -75,10 +64,11 @@ def dvc_status(workspace: str | Path) -> dict:
 def make_plan(workspace: str | Path, params: dict, forced: dict[str, str] | None = None) -> list[StagePlan]:
     """forced: {stage: reason} for stages a run forces (flows/inputs.stages_to_force)."""
     workspace = Path(workspace)
-    stages = (_yaml(workspace / "dvc.yaml") or {}).get("stages", {})
-    locked = ((_yaml(workspace / "dvc.lock") or {}).get("stages")) or {}
+    stages = read_pipeline(workspace / "dvc.yaml")
+    lock_file = workspace / "dvc.lock"
+    locked = ((read_yaml(lock_file) if lock_file.is_file() else None) or {}).get("stages") or {}
     status = dvc_status(workspace)
-    outs_of = {name: set(_declared(s.get("outs"))) | set(_declared(s.get("metrics"))) | set(_declared(s.get("plots")))
+    outs_of = {name: set(entries(s, "outs")) | set(entries(s, "metrics")) | set(entries(s, "plots"))
                for name, s in stages.items()}
     plans: list[StagePlan] = []
     running: set[str] = set()
@@ -89,7 +79,7 @@ def make_plan(workspace: str | Path, params: dict, forced: dict[str, str] | None
             reasons.append("has not run in this workspace yet")
         else:
             recorded = (lock.get("params") or {}).get("params.yaml", {})
-            for key in _declared(stage.get("params")):
+            for key in entries(stage, "params"):
                 reasons.extend(f"param {k}: {_short(old)} -> {_short(new)}"
                                for k, old, new in _diff(key, recorded.get(key, "<missing>"), _get(params, key)))
             for entry in status.get(name, []):
@@ -100,7 +90,7 @@ def make_plan(workspace: str | Path, params: dict, forced: dict[str, str] | None
                     for path, state in (changed or {}).items():
                         if path != "params.yaml":
                             reasons.append(f"{kind.replace('changed ', '')} {path} {state}")
-        upstream = sorted(other for other in running if set(_declared(stage.get("deps"))) & outs_of[other])
+        upstream = sorted(other for other in running if set(entries(stage, "deps")) & outs_of[other])
         if reasons:
             plans.append(StagePlan(name, RUN, reasons))
             running.add(name)

@@ -19,22 +19,33 @@ PIPELINE_FILE = ROOT / "dvc.yaml"
 PARAMS_FILE = Path("params.yaml")
 
 
+def read_pipeline(path: Path) -> dict:
+    """The stages of a dvc.yaml: the one reader of that file (flows/plan.py reads a
+    workspace's copy through it too)."""
+    from ruamel.yaml import YAML
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: stages/ must sit in the workspace next to dvc.yaml")
+    return YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))["stages"]
+
+
+def entries(stage_def: dict, kind: str = "outs") -> list[str]:
+    """The paths or keys of one kind (outs, metrics, plots, deps, params) in one stage's
+    definition; items may be `path` or `{path: options}`."""
+    out = []
+    for item in stage_def.get(kind) or []:
+        out.extend(item.keys() if isinstance(item, dict) else [item])
+    return out
+
+
 @functools.cache
 def pipeline() -> dict:
-    """The stages of dvc.yaml (parsed once)."""
-    from ruamel.yaml import YAML
-    if not PIPELINE_FILE.is_file():
-        raise FileNotFoundError(f"{PIPELINE_FILE} not found: stages/ must sit in the workspace next to dvc.yaml")
-    return YAML(typ="safe", pure=True).load(PIPELINE_FILE.read_text(encoding="utf-8"))["stages"]
+    """The stages of this code's dvc.yaml (parsed once)."""
+    return read_pipeline(PIPELINE_FILE)
 
 
 def declared(stage: str, kind: str = "outs") -> list[str]:
-    """The paths of one kind (outs, metrics, plots, deps) a stage declares in dvc.yaml;
-    entries may be `path` or `{path: options}`."""
-    out = []
-    for item in pipeline()[stage].get(kind) or []:
-        out.extend(item.keys() if isinstance(item, dict) else [item])
-    return out
+    """The paths of one kind (outs, metrics, plots, deps) a stage declares in dvc.yaml."""
+    return entries(pipeline()[stage], kind)
 
 
 def _only(stage: str, kind: str) -> Path:
