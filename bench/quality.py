@@ -11,6 +11,9 @@
 Every record is written to bench/results/quality.json as soon as it is measured, and
 a rerun skips records already there (same model, method, pattern, sparsity and
 protocol), so a grid can be finished over several sittings. --force redoes them.
+Two processes must not share one --out (each rewrites the whole file): give a second
+one its own --out, then fold its records in with `--merge thatfile.json` (per-seed
+records included).
 
 Block-0 inputs are captured once per run from the dense model and reused for every
 method (capture depends only on the dense model and the calibration ids); each
@@ -40,7 +43,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import REPO, ResultFile, device_label, git_commit  # also puts REPO on sys.path
+from common import REPO, ResultFile, device_label, git_commit, load_records  # also puts REPO on sys.path
 
 import torch  # noqa: E402
 
@@ -373,6 +376,19 @@ def seeds_file(out: Path) -> Path:
     return out.with_name(f"{out.stem}-seeds{out.suffix}")
 
 
+def merge(out: Path, sources: list[Path]) -> None:
+    """Fold the records of other runs' result files (and their per-seed files) into
+    out; a record with the same key replaces the one there."""
+    for source in sources:
+        for src, dst, key in ((source, out, KEY), (seeds_file(source), seeds_file(out), KEY + ("seed",))):
+            records = load_records(src)
+            if records:
+                target = ResultFile(dst, key)
+                for record in records:
+                    target.add(record)
+                print(f"{src}: {len(records)} record(s) -> {dst}")
+
+
 def mean_record(per_seed: list[dict]) -> dict:
     """One record from a method's per-seed records: the mean of each measured number,
     and the spread (sample standard deviation, min, max) of the perplexities."""
@@ -449,7 +465,12 @@ def main(argv=None) -> None:
     parser.add_argument("--cache-dir", default=None, help="where the converted model is cached")
     parser.add_argument("--force", action="store_true", help="redo records already in the JSON")
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="FILE",
+                        help="measure nothing: fold these result files (and their -seeds files) into --out")
     args = parser.parse_args(argv)
+    if args.merge:
+        merge(args.out, args.merge)
+        return
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     profile = args.profile or ("paper" if device.startswith("cuda") else "cpu")
     run_grid(profile, out=args.out, data_dir=args.data_dir, device=device, only=args.only,

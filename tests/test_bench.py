@@ -98,6 +98,27 @@ def test_quality_heldout_writes_seed_records_and_their_mean(tmp_path, capsys):
     assert "0 seed record(s) to measure" in capsys.readouterr().out
     table = report.heldout_tables(records)
     assert "| 60% | recipe: + OWL + fine-tune |" in table and "heldout" not in report.quality_tables(records)
+    # The recipe is judged only against plain admm-grad measured at the same commit.
+    moved = [{**r, "commit": "other"} if r is recipe else r for r in records]
+    assert "not judged: commit other" in report.heldout_tables(moved)
+
+
+def test_merge_folds_a_second_run_into_the_results(tmp_path, capsys):
+    """Two processes get their own --out; --merge folds the second one's means and
+    per-seed records in, replacing records with the same key and keeping the rest."""
+    def rec(method, ppl, **more):
+        return dict(model="m", method=method, pattern="unstructured", sparsity=0.5, protocol="heldout",
+                    wikitext2_ppl=ppl, **more)
+
+    main, other = tmp_path / "quality.json", tmp_path / "quality-x.json"
+    main.write_text(json.dumps([rec("admm-grad", 10.0), rec("admm-grad-owl", 99.0)]))
+    other.write_text(json.dumps([rec("admm-grad-owl", 9.0), rec("admm-grad-ft", 8.0)]))
+    (tmp_path / "quality-x-seeds.json").write_text(json.dumps([rec("admm-grad-ft", 8.5, seed=0)]))
+    quality.main(["--out", str(main), "--merge", str(other)])
+    merged = {r["method"]: r["wikitext2_ppl"] for r in json.loads(main.read_text())}
+    assert merged == {"admm-grad": 10.0, "admm-grad-owl": 9.0, "admm-grad-ft": 8.0}
+    seeds = json.loads((tmp_path / "quality-seeds.json").read_text())
+    assert [(r["method"], r["seed"]) for r in seeds] == [("admm-grad-ft", 0)]
 
 
 def test_speed_tiny_writes_records_and_resumes(tmp_path, capsys):
