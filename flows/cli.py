@@ -18,11 +18,12 @@ import sys
 from pathlib import Path
 
 from stages.params import ParamError
-from stages.paths import EVAL_METRICS, REPORT_DIR, REPORT_MD
+from stages.paths import EVAL_METRICS, REPORT_DIR, REPORT_MD, ROOT
 from stages.workspace_lock import PipelineBusy
 
 from .dvc_runner import StageFailed
 from .inputs import InputChanged
+from .params_edit import known_profiles
 
 EXIT_PARAMS, EXIT_BUSY, EXIT_STAGE = 2, 3, 1
 
@@ -35,16 +36,23 @@ def _floats(text: str) -> list[float]:
     return [float(part) for part in _csv(text)]
 
 
+def _profiles() -> str:
+    """For --help: the profiles of this code's workspace (-C is not parsed yet)."""
+    return ", ".join(known_profiles(ROOT)) or "none found"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="admm-prune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-C", "--workspace", default=".", help="the workspace (where dvc.yaml is)")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    profiles = _profiles()
+
     def overrides(p):
         p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                        help="override a param in params.yaml, e.g. prune.sparsity=0.6 (repeatable)")
-        p.add_argument("--profile", help="apply params-<PROFILE>.yaml first (paper, tiny; default = back to the "
+        p.add_argument("--profile", help=f"apply params-<PROFILE>.yaml first ({profiles}; default = back to the "
                                          "project's defaults)")
 
     run = sub.add_parser("run", help="run the pipeline; DVC skips what is up to date")
@@ -93,7 +101,7 @@ def serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                        help="override a param in params.yaml at every scheduled run, e.g. "
                             "model.source=<new model> (repeatable)")
-    serve.add_argument("--profile", help="apply params-<PROFILE>.yaml at every scheduled run (paper, tiny)")
+    serve.add_argument("--profile", help=f"apply params-<PROFILE>.yaml at every scheduled run ({_profiles()})")
     serve.add_argument("--force", action="append", default=[], metavar="STAGE",
                        help="rerun this stage at every scheduled run even if DVC thinks it is up to date, "
                             "e.g. `model` for a model directory whose contents change (repeatable)")

@@ -88,11 +88,16 @@ def set_in(doc: dict, path: list, value) -> tuple[object, object]:
     return old, value
 
 
+def known_profiles(workspace: str | Path = ".") -> list[str]:
+    """The profiles a workspace offers: one per params-<profile>.yaml file."""
+    return sorted(p.stem.removeprefix("params-") for p in Path(workspace).glob("params-*.yaml"))
+
+
 def profile_overrides(profile: str, workspace: str | Path = ".") -> list[tuple[list, object]]:
     """The leaf values of params-<profile>.yaml as (path, value) pairs."""
     path = Path(workspace) / f"params-{profile}.yaml"
     if not path.is_file():
-        known = sorted(p.stem.removeprefix("params-") for p in Path(workspace).glob("params-*.yaml"))
+        known = known_profiles(workspace)
         raise ParamError("--profile", f"no {path.name} (profiles here: {', '.join(known) or 'none'})")
     data = read_yaml(path) or {}
     out: list[tuple[list, object]] = []

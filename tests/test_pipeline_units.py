@@ -309,3 +309,13 @@ def test_the_same_thread_count_gives_bitwise_identical_pruned_weights():
         modules = dict(model.named_modules())
         weights.append({n: modules[n].weight.detach().clone() for n in prunable_linear_names(model)})
     assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
+
+
+def test_cli_help_names_every_profile_file():
+    """--profile's help lists the params-*.yaml files, so a new profile cannot be missing from it."""
+    from flows.cli import build_parser
+
+    run = build_parser()._subparsers._group_actions[0].choices["run"]
+    profile = next(a for a in run._actions if "--profile" in a.option_strings)
+    for path in ROOT.glob("params-*.yaml"):
+        assert path.stem.removeprefix("params-") in profile.help
