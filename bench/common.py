@@ -79,6 +79,10 @@ class ResultFile:
         return any(self.key(r) == wanted for r in self.records)
 
     def add(self, record: dict) -> None:
-        self.records = [r for r in self.records if self.key(r) != self.key(record)]
-        self.records.append(record)
+        self.extend([record])
+
+    def extend(self, records: list[dict]) -> None:
+        """Add records (each replacing the one with its key) and write the file once."""
+        new = {self.key(r) for r in records}
+        self.records = [r for r in self.records if self.key(r) not in new] + list(records)
         save_records(self.path, self.records)

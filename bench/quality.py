@@ -383,9 +383,7 @@ def merge(out: Path, sources: list[Path]) -> None:
         for src, dst, key in ((source, out, KEY), (seeds_file(source), seeds_file(out), KEY + ("seed",))):
             records = load_records(src)
             if records:
-                target = ResultFile(dst, key)
-                for record in records:
-                    target.add(record)
+                ResultFile(dst, key).extend(records)
                 print(f"{src}: {len(records)} record(s) -> {dst}")
 
 

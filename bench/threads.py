@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import git_commit  # noqa: E402
+from bench.common import ResultFile, git_commit  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "threads.json"
 
@@ -50,14 +50,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     args = parser.parse_args(argv)
-    records = json.loads(OUT.read_text()) if OUT.is_file() else []
+    results = ResultFile(OUT, ("threads", "commit"))
     commit = git_commit()
     for threads in [int(t) for t in args.threads.split(",")]:
-        if any(r["threads"] == threads and r["commit"] == commit for r in records):
-            continue
-        records.append(prune_with_threads(threads, commit))
-        OUT.write_text(json.dumps(records, indent=1) + "\n")
-    current = [r for r in records if r["commit"] == commit]
+        if not results.has(threads=threads, commit=commit):
+            results.add(prune_with_threads(threads, commit))
+    current = [r for r in results.records if r["commit"] == commit]
     for r in current:
         # The block store keys blocks on the thread count, so reused blocks were computed
         # with this count too: the perplexity stands, but the time is not a prune's.

@@ -76,7 +76,11 @@ def prune(model, params: dict, calib_ids: torch.Tensor, *, masks: dict | None = 
     m = {**MODEL_DEFAULTS, **(params.get("model") or {})}
     device = resolve_device(m["device"])
     spec = prepare(model, params, masks)
-    if inputs is not None:  # OWL's block sparsities are part of the block keys: before the store
+    # OWL's block sparsities are part of the block keys, so they are set before the store
+    # is keyed; without a store, prune_model applies OWL itself.
+    if block_store is not None and spec.owl and inputs is None:
+        raise ValueError("prune: a block store with prune.owl needs the captured block inputs (inputs=...)")
+    if inputs is not None:
         spec.apply_owl(model, inputs, batch_size=m["batch_size"])
     store = block_store(spec, device) if block_store is not None else None
     result = prune_model(model, calib_ids, spec, device=device, store=store, progress=progress, inputs=inputs,

@@ -115,8 +115,9 @@ def test_merge_folds_a_second_run_into_the_results(tmp_path, capsys):
     other.write_text(json.dumps([rec("admm-grad-owl", 9.0), rec("admm-grad-ft", 8.0)]))
     (tmp_path / "quality-x-seeds.json").write_text(json.dumps([rec("admm-grad-ft", 8.5, seed=0)]))
     quality.main(["--out", str(main), "--merge", str(other)])
-    merged = {r["method"]: r["wikitext2_ppl"] for r in json.loads(main.read_text())}
-    assert merged == {"admm-grad": 10.0, "admm-grad-owl": 9.0, "admm-grad-ft": 8.0}
+    records = json.loads(main.read_text())
+    merged = {r["method"]: r["wikitext2_ppl"] for r in records}
+    assert merged == {"admm-grad": 10.0, "admm-grad-owl": 9.0, "admm-grad-ft": 8.0} and len(records) == 3
     seeds = json.loads((tmp_path / "quality-seeds.json").read_text())
     assert [(r["method"], r["seed"]) for r in seeds] == [("admm-grad-ft", 0)]
 

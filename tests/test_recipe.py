@@ -137,3 +137,16 @@ def test_settings_accept_the_recipe_at_every_issue_setting():
         settings = PruneSettings.from_mapping({"method": "admm-grad", "sparsity": sparsity, "pattern": pattern,
                                                "finetune": "standard", "owl": True})
         assert (settings.finetune, settings.owl) == ("standard", True)
+
+
+def test_block_store_with_owl_needs_the_captured_inputs():
+    """OWL's sparsities key the block store, so they must be known before the store is
+    built: a store without captured inputs is refused before anything is pruned."""
+    from stages.pruner import prune
+
+    model, _ = build_tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = {"prune": {"method": "admm-grad", "sparsity": 0.6, "owl": True}}
+    with pytest.raises(ValueError, match="block store with prune.owl"):
+        prune(model, params, calib(), block_store=lambda spec, device: None, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
